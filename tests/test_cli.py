@@ -1,0 +1,54 @@
+"""The command line as a user meets it: subprocesses, exit codes, one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tim_ray.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "RAY_ADDRESS": ""}, timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    out = run("--help")
+    assert out.returncode == 0
+    for name in ["train", "sample", "eval", "tune", "precompute", "export", "config", "env"]:
+        assert f"    {name}" in out.stdout
+
+
+def test_config_show_with_a_typo_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "x.toml"
+    bad.write_text("[optim]\nlrr = 1e-4\n")
+    out = run("config", "show", str(bad))
+    assert out.returncode == 2
+    assert out.stderr == f"tim-ray: error: unknown key 'optim.lrr' in {bad}; did you mean 'optim.lr'?\n"
+    assert out.stdout == ""
+
+
+def test_config_show_prints_loadable_toml_with_overrides(tmp_path):
+    out = run("config", "show", "train.steps=7", "data.source=shapes")
+    assert out.returncode == 0
+    path = tmp_path / "resolved.toml"
+    path.write_text(out.stdout)
+    again = run("config", "validate", str(path))
+    assert again.returncode == 0, again.stderr
+    assert "steps = 7" in out.stdout and 'source = "shapes"' in out.stdout
+
+
+def test_missing_config_file_is_a_usage_error():
+    out = run("config", "validate", "no/such.toml")
+    assert out.returncode == 2 and out.stderr == "tim-ray: error: config file 'no/such.toml' does not exist\n"
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    out = run("trian")
+    assert out.returncode == 2 and "invalid choice: 'trian'" in out.stderr
+
+
+def test_env_reports_versions_devices_and_cluster():
+    out = run("env")
+    assert out.returncode == 0, out.stderr
+    for name in ["python", "torch", "ray", "mlflow", "transformers", "pyarrow", "flash-attn", "cpu", "ray cluster"]:
+        assert f"\n{name}:" in "\n" + out.stdout
