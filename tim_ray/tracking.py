@@ -1,0 +1,110 @@
+"""MLflow, in one place. Everything tim-ray logs to MLflow goes through `Tracker`.
+
+The driver creates the run (so its id can be printed and handed to the workers); rank 0 of the training workers logs
+metrics and images into it by id. The default tracking URI is an *absolute* sqlite file in the run directory,
+because Ray Train workers run in another working directory (a relative `sqlite:///mlflow.db` would land there).
+With a tracking server URI (`tracking.uri = "http://..."`) the same code logs to the server.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tim_ray.config import Config, to_dict
+
+log = logging.getLogger("tim_ray")
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
+    return cfg.tracking.uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': '0.001'}, the form MLflow params take."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class Tracker:
+    """A handle on one MLflow run. Cheap to build from (uri, run_id) on any process; a disabled tracker does nothing."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    @classmethod
+    def create_run(cls, cfg: Config, run_dir: str | Path, run_name: str, parent_run_id: str | None = None,
+                   existing_run_id: str | None = None) -> "Tracker":
+        """Open the run for a training run: reuse `existing_run_id` on resume, else create one, logging the
+        resolved config as params and as an artifact. Returns a disabled tracker when tracking is off."""
+        if not cfg.tracking.enabled:
+            return cls(None, None)
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg, run_dir)
+        client = MlflowClient(tracking_uri=uri)
+        if existing_run_id:
+            client.update_run(existing_run_id, status="RUNNING")
+            return cls(uri, existing_run_id)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            # With the default per-run sqlite store, artifacts live beside it; a server chooses its own location.
+            artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if not cfg.tracking.uri else None
+            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        tracker = cls(uri, run.info.run_id)
+        tracker.log_config(cfg)
+        return tracker
+
+    def log_config(self, cfg: Config) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in sorted(flatten(to_dict(cfg)).items())]
+        for start in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+            self._client.log_batch(self.run_id, params=params[start:start + 100])
+        self._client.log_dict(self.run_id, to_dict(cfg), "config.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """A PIL image under a step slider in the MLflow UI."""
+        if self.enabled:
+            self._client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        if self.enabled and os.path.exists(path):
+            self._client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self._client.set_terminated(self.run_id, status=status)

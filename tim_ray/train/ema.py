@@ -1,0 +1,48 @@
+"""Exponential moving average of the parameters, kept shard-local.
+
+Under FSDP2 each parameter is a DTensor holding this rank's shard; the EMA is a clone of that DTensor, so every rank
+keeps only its own shard of the average (no second full model anywhere) and DCP saves and reshards it like the
+parameters themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class ShardLocalEMA:
+    """θ_ema ← decay·θ_ema + (1 - decay)·θ after each optimizer step (spec §3.9); initialised as a copy of θ."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {name: p.detach().clone().float() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.params
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.params[name].copy_(value)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Run `model` with the EMA weights (e.g. to draw samples), restoring the trained weights afterwards."""
+        saved = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                saved[name] = p.detach().clone()
+                p.copy_(self.params[name].to(p.dtype))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(saved[name])
