@@ -42,9 +42,11 @@ class ModelConfig:
 @dataclass
 class TransitionConfig:
     path: str = "otfm"  # otfm | trigflow
-    interval_sampler: str = "logit_normal_pair"  # a name in tim_ray.transition.intervals
+    interval_sampler: str = "logit_normal_pair"  # logit_normal_pair | uniform_pair | independent (transition.intervals)
     p_mean: float = 0.0
     p_std: float = 1.6
+    delta_logit_mean: float = 0.0  # `independent` sampler: r = t - sigmoid(N(mean, std))·(t - T_min)
+    delta_logit_std: float = 1.0
     diffusion_ratio: float = 0.5  # share of rows with r = t (plain flow matching)
     consistency_ratio: float = 0.1  # share of rows with r = T_min
     derivative: str = "dde"  # dde (finite difference, FSDP-friendly) | jvp (torch.func, math attention only)
@@ -141,6 +143,7 @@ class SampleConfig:
     cfg_scale: float = 2.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     guide_first_step: bool = True  # False = the official strict interval that never guides t = T_max (spec B3)
+    mode: str = "transition"  # transition (r = next time) | diffusion (Euler on the instantaneous velocity, r = t)
     stochasticity: float = 0.0
     seed: int = 0
 
@@ -292,9 +295,11 @@ _CHOICES = {
     "model.rope_grid": ("row_col", "official"),
     "model.codec_kind": ("auto", "kl", "dc"),
     "transition.path": ("otfm", "trigflow"),
+    "transition.interval_sampler": ("logit_normal_pair", "uniform_pair", "independent"),
     "transition.derivative": ("dde", "jvp"),
     "transition.time_weight": ("constant", "reciprocal", "sqrt", "square", "soft_min_snr"),
     "transition.time_weight_map": ("tangent", "sigmoid", "none"),
+    "sample.mode": ("transition", "diffusion"),
     "data.source": ("fashion-mnist", "shapes", "parquet", "webdataset", "folder"),
     "train.precision": ("auto", "bf16", "fp32"),
 }
@@ -325,6 +330,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"transition.dde_epsilon must be in (0, 0.1), got {t.dde_epsilon}")
     if t.p_std <= 0:
         raise ConfigError(f"transition.p_std must be > 0, got {t.p_std}")
+    if t.delta_logit_std <= 0:
+        raise ConfigError(f"transition.delta_logit_std must be > 0, got {t.delta_logit_std}")
+    if t.guidance_w_cond == 0 and t.guidance_w_gt != 1:
+        raise ConfigError("transition.guidance_w_gt has no effect while transition.guidance_w_cond = 0 "
+                          f"(the enhanced target is off); got guidance_w_gt = {t.guidance_w_gt}")
     for dotted, pair in [("transition.guidance_window", t.guidance_window),
                          ("sample.cfg_interval", cfg.sample.cfg_interval)]:
         if len(pair) != 2 or not 0.0 <= pair[0] <= pair[1] <= 1.0:
