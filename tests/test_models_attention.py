@@ -31,27 +31,29 @@ def test_math_attention_ignores_masked_keys():
 
 
 def test_auto_falls_back_to_sdpa_on_cpu():
-    q, k, v = qkv(torch.float32)
-    assert attn.resolve_backend("auto", q) == "sdpa"
-    torch.testing.assert_close(attn.attention(q, k, v, "auto"), attn.attention(q, k, v, "sdpa"))
+    cpu = torch.device("cpu")
+    assert attn.resolve_backend("auto", cpu, torch.float32) == "sdpa"
+    assert attn.resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("math", cpu, torch.float64) == "math"
 
 
 def test_flash_where_it_cannot_run_is_a_clear_error():
-    q, k, v = qkv(torch.float32)
-    with pytest.raises(RuntimeError, match="attention='flash'.*'auto'"):
-        attn.attention(q, k, v, "flash")
+    with pytest.raises(RuntimeError, match="attention='flash' cannot run here: .*'auto'"):
+        attn.resolve_backend("flash", torch.device("cpu"), torch.bfloat16)
     if isinstance(attn._flash_attn_func(), str):  # flash-attn absent: refused already when the model is built
         with pytest.raises(RuntimeError, match="flash-attn is not importable"):
             attn.check_backend("flash")
-    with pytest.raises(ValueError, match="auto, flash, sdpa, math"):
-        attn.check_backend("xformers")
+    for bad in (lambda: attn.check_backend("xformers"), lambda: attn.attention(*qkv(), "auto")):
+        with pytest.raises(ValueError, match="flash, sdpa, math"):
+            bad()
 
 
-def test_the_chosen_backend_is_logged_once(caplog, monkeypatch):
+def test_the_chosen_backend_is_logged_once_per_choice(caplog, monkeypatch):
     monkeypatch.setattr(attn, "_logged", set())
-    q, k, v = qkv()
     with caplog.at_level(logging.INFO, logger="tim_ray"):
         for _ in range(3):
-            attn.attention(q, k, v, "math")
+            attn.resolve_backend("auto", torch.device("cpu"), torch.float32)
+        attn.resolve_backend("math", torch.device("cpu"), torch.float32)
     lines = [r.getMessage() for r in caplog.records if r.name == "tim_ray"]
-    assert lines == ["attention: requested math, using math on cpu/torch.float64"]
+    assert lines == ["attention: requested auto, using sdpa on cpu/torch.float32",
+                     "attention: requested math, using math on cpu/torch.float32"]

@@ -1,4 +1,6 @@
 """The TiM network: init (O7), exact sizes, shapes, conditioning, masks, float64 and forward-mode AD."""
+import logging
+
 import pytest
 import torch
 
@@ -165,6 +167,17 @@ def test_sdpa_and_math_attention_agree_in_the_model(conditioning):
     kw = inputs(height=8, width=16)
     sdpa, math = tiny(conditioning, attention="sdpa"), tiny(conditioning, attention="math")
     torch.testing.assert_close(run(sdpa, kw), run(math, kw), rtol=1e-10, atol=1e-10)
+
+
+def test_a_forward_logs_its_attention_backend_once(caplog, monkeypatch):
+    from tim_ray.models import attention
+
+    monkeypatch.setattr(attention, "_logged", set())
+    model, kw = tiny(attention="math"), inputs()
+    with caplog.at_level(logging.INFO, logger="tim_ray"):
+        run(model, kw)
+        run(model, kw)
+    assert [r.getMessage() for r in caplog.records] == ["attention: requested math, using math on cpu/torch.float64"]
 
 
 # --- time embedding, float64, forward-mode AD -------------------------------------------------------------------

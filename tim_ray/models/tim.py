@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tim_ray.models.attention import attention, check_backend
+from tim_ray.models.attention import attention, check_backend, resolve_backend
 from tim_ray.models.rope import apply_rope, grid_positions, rope_tables
 
 CONDITIONINGS = ("class", "text")
@@ -329,9 +329,11 @@ class TiM(nn.Module):
         tokens = self.x_embedder(x)
         c, delta_emb, context, context_mask = self.condition(t, r, y, context, context_mask)
         rope_cos, rope_sin = self.rope(h, w, tokens.device, tokens.dtype)
+        # The patch embedding comes out in the compute dtype (bf16 under autocast), which decides flash vs SDPA.
+        backend = resolve_backend(self.attention, tokens.device, tokens.dtype)
         h_proj = None
         for depth, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c, delta_emb, rope_cos, rope_sin, self.attention, context, context_mask)
+            tokens = block(tokens, c, delta_emb, rope_cos, rope_sin, backend, context, context_mask)
             if return_repa and depth == self.encoder_depth:
                 h_proj = self.projector(tokens)
         out = self.unpatchify(self.final_layer(tokens, c), h, w)
