@@ -15,6 +15,7 @@ are row-sliced (into new dicts) for the passes that run on a subset of rows.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -43,15 +44,17 @@ def select_rows(cond: dict, rows: Tensor, batch: int) -> dict:
 
 @torch.no_grad()
 def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, cond: dict | None = None, *,
-                        path: TransitionPath, epsilon: float) -> Tensor:
+                        path: TransitionPath, epsilon: float, fp32_forwards: bool = False) -> Tensor:
     """Differential derivation estimate (DDE) of dF/dt along the conditional path, in at least float32:
         dF/dt ≈ [F(x_hi, t_hi, r) - F(x_lo, t_lo, r)] / (t_hi - t_lo),   x_s = interpolate(x, z, s),
         t_hi = min(t + ε, T_max),  t_lo = max(t - ε, r).
     This is the central difference (error O(ε²)) wherever t - ε ≥ r and t + ε ≤ T_max. Closer to r (spec B8) the
     lower point stops at r, so the network never sees r > t; the quotient is then first-order, and its error enters
     the target multiplied by t - r < ε. Likewise the upper point never passes T_max.
-    Two no-grad forwards of `model` itself (pass the FSDP-wrapped module), only on rows with r ≠ t; the forwards run
-    in the caller's autocast, the difference and the division in at least float32 (spec B2). Rows with r = t get 0.
+    Two no-grad forwards of `model` itself (pass the FSDP-wrapped module), only on rows with r ≠ t. The difference
+    and the division are taken in at least float32 (spec B2). The forwards run in the caller's autocast unless
+    `fp32_forwards`, which switches autocast off for them: bf16 rounding of F dominates the error otherwise
+    (~2⁻⁹·|F|/ε), but parameters that FSDP casts to bf16 stay bf16. Rows with r = t get 0.
     """
     cond = cond or {}
     dtype = working_dtype(x.dtype)
@@ -63,8 +66,9 @@ def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
     cond_rows = select_rows(cond, rows, x.shape[0])
     t_hi = torch.clamp(t_rows + epsilon, max=path.t_max)
     t_lo = torch.maximum(t_rows - epsilon, r_rows)
-    F_hi = model(path.interpolate(x_rows, z_rows, t_hi), t_hi, r_rows, **cond_rows).to(dtype)
-    F_lo = model(path.interpolate(x_rows, z_rows, t_lo), t_lo, r_rows, **cond_rows).to(dtype)
+    with torch.autocast(x.device.type, enabled=False) if fp32_forwards else contextlib.nullcontext():
+        F_hi = model(path.interpolate(x_rows, z_rows, t_hi), t_hi, r_rows, **cond_rows).to(dtype)
+        F_lo = model(path.interpolate(x_rows, z_rows, t_lo), t_lo, r_rows, **cond_rows).to(dtype)
     width = broadcast_time((t_hi - t_lo).to(dtype), F_hi)
     derivative[rows] = (F_hi - F_lo) / width
     return derivative
@@ -129,7 +133,8 @@ def transition_target(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, 
     x, z = x.to(dtype), z.to(dtype)
     x_t, v = path.interpolate(x, z, t), path.velocity(x, z, t)
     if config.derivative == "dde":
-        dF_dt = dde_time_derivative(model, x, z, t, r, cond, path=path, epsilon=config.dde_epsilon)
+        dF_dt = dde_time_derivative(model, x, z, t, r, cond, path=path, epsilon=config.dde_epsilon,
+                                    fp32_forwards=config.dde_fp32_forwards)
     elif config.derivative == "jvp":
         dF_dt = jvp_time_derivative(model, x, z, t, r, cond, path=path).to(dtype)
     else:
@@ -204,8 +209,10 @@ class TransitionLoss:
     derivative_rms: Tensor  # rms of dF/dt over rows with r ≠ t: a blow-up here means the DDE is noise (spec §12)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Every field as a float (one device sync per field): for the logger."""
-        return {prefix + f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+        """Every field as a float, with a single device sync: for the logger."""
+        names = [f.name for f in fields(self)]
+        values = torch.stack([getattr(self, name).detach().to(torch.float64) for name in names]).tolist()
+        return {prefix + name: value for name, value in zip(names, values)}
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
