@@ -1,9 +1,13 @@
 """dF/dt by DDE and JVP (spec §3.4, oracle O6, bugs B2 and B8)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from tim_ray.config import ModelConfig
+from tim_ray.models.registry import build_model
 from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivative
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
 from transition_closed_forms import GaussianOTFM, SmoothNet, TinyAttentionNet, gaussian_batch
@@ -48,6 +52,23 @@ def test_o6_dde_matches_jvp_at_order_two(net, path):
     orders, errors = observed_orders(net, path, *batch())
     assert np.all(np.abs(orders - 2) < 0.15), (orders, errors)
     assert errors[2] < 1e-3
+
+
+def test_o6c_dde_matches_jvp_on_a_tiny_tim():
+    """The real network (tim-tiny, math attention, float64, weights jittered off the zero init so F ≠ 0)."""
+    config = dataclasses.replace(ModelConfig(), arch="tim-tiny", conditioning="class", attention="math", num_classes=4)
+    torch.manual_seed(0)
+    tim = build_model(config, in_channels=3, text_dim=None, dtype=DTYPE)
+    with torch.no_grad():
+        for parameter in tim.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    x, z, t, r = batch(4, shape=(3, 8, 8))
+    labels = dict(y=torch.tensor([0, 1, 2, 3]))
+    exact = jvp_time_derivative(tim, x, z, t, r, labels, path=OTFMPath())
+    errors = [(dde_time_derivative(tim, x, z, t, r, labels, path=OTFMPath(), epsilon=e) - exact).abs().max().item()
+              for e in EPSILONS]
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert exact.abs().max() > 0.1 and np.all(np.abs(orders - 2) < 0.15), (orders, errors)
 
 
 def test_o6_jvp_is_exact_on_the_gaussian_transition():
