@@ -81,7 +81,7 @@ def test_missing_codecs_fail_with_one_clear_line(tmp_path):
     cases = {
         "stabilityai/no-such-vae": "not a local path and not in the Hugging Face cache",
         "./no/such/dir": "does not exist",
-        str(tmp_path): "no file named config.json",
+        str(tmp_path): "has no config.json",
     }
     for name, fragment in cases.items():
         with pytest.raises(CodecError) as info:

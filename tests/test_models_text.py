@@ -84,6 +84,15 @@ def test_missing_encoders_fail_with_one_clear_line(tmp_path):
     assert issubclass(TextEncoderError, ValueError)
 
 
+@pytest.mark.parametrize("value,offline", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_hf_hub_offline_is_read_like_huggingface_hub(monkeypatch, value, offline):
+    from tim_ray.models.hub import hub_offline, locate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
+    assert locate("org/model", "text encoder", TextEncoderError, "").local_files_only is offline
+
+
 def test_minilm_without_its_package_names_the_pip_command(monkeypatch):
     import importlib
 

