@@ -167,6 +167,8 @@ def test_o12_nfe_counts_guided_steps_twice():
 
 
 def test_guidance_needs_matching_conditions():
+    with pytest.raises(ValueError, match="uncond"):
+        sample(labelled, noise(2), dict(y=torch.arange(2)), path=OTFMPath(), steps=1, cfg_scale=2.0, model_dtype=DTYPE)
     with pytest.raises(ValueError, match="same keys"):
         sample(labelled, noise(2), dict(y=torch.arange(2)), dict(label=torch.arange(2)), path=OTFMPath(), steps=1,
                cfg_scale=2.0, model_dtype=DTYPE)

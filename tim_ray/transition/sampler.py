@@ -5,9 +5,9 @@
         r = t_next ('transition' mode)  |  r = t ('diffusion' mode: Euler on the instantaneous velocity)
         F = F_u + w·(F_c - F_u)  when CFG is active at t, else F_c
         x = transition(x, F, t, t_next), or the stochastic transition when s > 0, t < T_max and t_next > T_min
-CFG is active when w ≠ 1, an uncond is given and lo·T_max < t < hi·T_max; `guide_first_step=True` (our default)
-closes the upper end (t ≤ hi·T_max), so a 1-step sample is guided. False is the official strict interval, which
-never guides t = T_max (spec B3).
+CFG is active when w ≠ 1 and lo·T_max < t < hi·T_max, and then an uncond is required. `guide_first_step=True`
+(our default) closes the upper end (t ≤ hi·T_max), so a 1-step sample is guided. False is the official strict
+interval, which never guides t = T_max (spec B3).
 
 NFE counts network evaluations per sample: a batched cond+uncond forward counts 2 (the usual convention; one step
 costs as much as two unguided ones). `forward_calls` counts calls of `model`.
@@ -97,7 +97,7 @@ def sample(model: Model, noise: Tensor, cond: dict | None = None, uncond: dict |
         r = t if mode == "diffusion" else t_next
         t_in = torch.full((len(x),), t, dtype=model_dtype, device=x.device)
         r_in = torch.full((len(x),), r, dtype=model_dtype, device=x.device)
-        guided = uncond is not None and cfg_active(t, path.t_max, cfg_scale, cfg_interval, guide_first_step)
+        guided = cfg_active(t, path.t_max, cfg_scale, cfg_interval, guide_first_step)
         F, cost = guided_prediction(model, x.to(model_dtype), t_in, r_in, cond, uncond, cfg_scale, guided)
         nfe, calls = nfe + cost, calls + 1
         # No noise is injected on the first step (t = T_max) nor the last (t_next = T_min), as in spec §6.
