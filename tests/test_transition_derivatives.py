@@ -10,6 +10,7 @@ from tim_ray.config import ModelConfig
 from tim_ray.models.registry import build_model
 from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivative
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
+from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
 from transition_closed_forms import GaussianOTFM, SmoothNet, TinyAttentionNet, gaussian_batch
 
 SHAPE = (3, 2, 2)

@@ -10,6 +10,7 @@ from scipy import stats
 from tim_ray.config import _CHOICES, TransitionConfig
 from tim_ray.transition.intervals import INTERVAL_SAMPLERS, get_interval_sampler, row_types, sample_intervals
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
+from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
 
 KS_PVALUE = 1e-3
 C2I = dict(p_mean=-0.4, p_std=1.0)

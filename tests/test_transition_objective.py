@@ -10,7 +10,7 @@ from tim_ray.config import TransitionConfig
 from tim_ray.transition.objective import (ModelGuidance, adaptive_weight, time_weight, transition_loss,
                                           transition_target)
 from tim_ray.transition.paths import OTFMPath
-from transition_closed_forms import GaussianOTFM, gaussian_batch, one_thread
+from transition_closed_forms import GaussianOTFM, gaussian_batch, one_torch_thread  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 SHAPE = (3, 2, 2)
@@ -90,8 +90,7 @@ def test_o2c_optimum_is_stationary(gaussian, gen):
     n = 100_000
     x, z = gaussian_batch(gaussian, n, SHAPE, gen)
     t, r = torch.full((n,), 0.8, dtype=DTYPE), torch.full((n,), 0.3, dtype=DTYPE)
-    with one_thread():
-        target, _ = transition_target(gaussian, x, z, t, r, path=PATH, config=config(derivative="jvp"))
+    target, _ = transition_target(gaussian, x, z, t, r, path=PATH, config=config(derivative="jvp"))
     x_t = PATH.interpolate(x, z, t)
     product = (target - gaussian(x_t, t, r)) * torch.tanh(x_t)
     assert (product.mean(0) / (product.std(0) / math.sqrt(n))).abs().max() < 4.5
@@ -102,8 +101,7 @@ def test_o2d_mse_floor_of_the_exact_minimiser(gaussian, gen):
     n = 40_000
     x, z = gaussian_batch(gaussian, n, SHAPE, gen)
     t, r = torch.full((n,), 0.8, dtype=DTYPE), torch.full((n,), 0.3, dtype=DTYPE)
-    with one_thread():
-        out = transition_loss(gaussian, x, z, t, r, path=PATH, config=config())
+    out = transition_loss(gaussian, x, z, t, r, path=PATH, config=config())
     floor = gaussian.mse_floor(0.8, 0.3)
     assert abs(floor - 0.3718) < 1e-4
     assert abs(out.mse.item() - floor) < 0.006  # ~5 standard errors at 4.8e5 squared residuals

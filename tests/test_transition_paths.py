@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath, get_path
+from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
 from transition_closed_forms import GaussianOTFM, GaussianTrigFlow, gaussian_batch
 
 SHAPE = (3, 2, 2)

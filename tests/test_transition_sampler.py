@@ -7,7 +7,7 @@ import torch
 from tim_ray.config import SampleConfig
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
 from tim_ray.transition.sampler import cfg_active, sample, sample_from_config, time_grid
-from transition_closed_forms import GaussianOTFM, GaussianTrigFlow, one_thread
+from transition_closed_forms import GaussianOTFM, GaussianTrigFlow, one_torch_thread  # noqa: F401 (autouse)
 
 SHAPE = (3, 2, 2)
 DTYPE = torch.float64
@@ -94,8 +94,7 @@ def stochastic_moments(steps, n=20_000, seed=2):
 
 
 def test_o4s_stochastic_sampler_keeps_the_marginal():
-    with one_thread():
-        (std_error, mean_error), coarse_std_error = stochastic_moments(256), stochastic_moments(8)[0]
+    (std_error, mean_error), coarse_std_error = stochastic_moments(256), stochastic_moments(8)[0]
     assert std_error < 0.01 and mean_error < 0.02
     assert coarse_std_error > 0.012  # the bias shrinks with N: at 8 steps the std is visibly off (~0.72)
 

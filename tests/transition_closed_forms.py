@@ -5,22 +5,20 @@ Data x ~ N(μ, s²I), noise z ~ N(0, I). Every callable model here follows the p
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
+import pytest
 import torch
 from torch import Tensor
 
 
-@contextmanager
-def one_thread():
-    """For the few large-tensor tests: on a busy 2-core box torch's 2-thread pool ran a 256-step sampler loop
-    50x slower than one thread (38 s vs 0.7 s)."""
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Autouse in every transition test module (imported there). These tests are small; on a busy 2-core box
+    torch's 2-thread pool ran them up to 50x slower than one thread (a 256-step sampler loop: 38 s vs 0.7 s)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    yield
+    torch.set_num_threads(previous)
 
 
 def per_sample(t: Tensor, like: Tensor) -> Tensor:
