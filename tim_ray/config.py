@@ -72,12 +72,22 @@ class DataConfig:
     height: int = 32
     width: int = 32
     aspect_buckets: bool = False  # native-resolution buckets instead of one fixed size
-    bucket_token_budget: int = 1024  # tokens per batch when bucketing
+    bucket_token_budget: int = 1024  # tokens per global batch when bucketing (a token: bucket_multiple² pixels)
+    bucket_multiple: int = 8  # bucket sides are multiples of this many pixels
+    bucket_max_aspect: float = 4.0  # the widest and the tallest bucket
     hflip: bool = False
     caption_dropout: float = 0.1  # probability of replacing a caption by "" (for CFG)
     precomputed: str = ""  # a `tim-ray precompute` output directory; empty = encode on the fly
-    max_samples: int = 0  # 0 = all
+    max_samples: int = 0  # 0 = all (shapes: 10000); else the first N source rows, good or rejected
+    seed: int = 0  # of procedural sources (shapes)
     rejects_file: str = "rejects.jsonl"  # relative to the run directory
+    min_image_side: int = 8  # images outside these limits are rejected as absurd_size
+    max_image_pixels: int = 100_000_000
+    max_aspect_ratio: float = 10.0
+    encode_actors: int = 1  # actors per encoder stage (text encoder, latent codec)
+    encode_cpus: int = 1  # CPUs per encoder actor (Ray sets its torch threads to this)
+    encode_gpus: float = 0.0  # GPUs per encoder actor; > 0 runs the encoders on CUDA
+    encode_batch_size: int = 64  # rows per encoder call
 
 
 @dataclass
@@ -349,6 +359,37 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.ray.min_workers}")
     if any(n <= 0 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe must be positive step counts, got {cfg.eval.nfe}")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    for key in ("bucket_token_budget", "bucket_multiple", "min_image_side", "max_image_pixels", "encode_actors",
+                "encode_cpus", "encode_batch_size"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"data.{key} must be > 0, got {getattr(d, key)}")
+    for key in ("max_samples", "encode_gpus"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
+    for key in ("bucket_max_aspect", "max_aspect_ratio"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    if d.source in ("parquet", "webdataset", "folder") and not d.path and not d.precomputed:
+        raise ConfigError(f"data.source = '{d.source}' needs data.path (a directory, glob or URI)")
+    if d.source == "fashion-mnist" and d.split not in ("train", "test"):
+        raise ConfigError(f"data.split = '{d.split}' is not one of train, test for fashion-mnist")
+    if d.source == "shapes" and d.hflip:
+        raise ConfigError("data.hflip would mirror the left/right relations that shapes captions state; "
+                          "set data.hflip = false")
+    if d.aspect_buckets:
+        if d.height % d.bucket_multiple or d.width % d.bucket_multiple:
+            raise ConfigError(f"with data.aspect_buckets, data.height ({d.height}) and data.width ({d.width}) must "
+                              f"be multiples of data.bucket_multiple ({d.bucket_multiple})")
+        base_tokens = (d.height // d.bucket_multiple) * (d.width // d.bucket_multiple)
+        if d.bucket_token_budget < base_tokens * cfg.ray.num_workers:
+            raise ConfigError(f"data.bucket_token_budget ({d.bucket_token_budget}) must hold at least one "
+                              f"{d.height}x{d.width} image per worker ({base_tokens} tokens each, "
+                              f"{cfg.ray.num_workers} workers)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
