@@ -1,0 +1,59 @@
+"""Tensors inside Arrow tables: column NAME holds each row's raw bytes and NAME_shape its shape; the dtype is fixed
+per name in `DTYPES`.
+
+Why not Ray's tensor extension types: rows of one column differ in shape under aspect buckets, and plain binary
+round-trips through parquet and pyarrow without Ray installed (precomputed shards are read by plain pyarrow).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+DTYPES = {
+    "pixels": np.uint8,  # (H, W, C), 0..255
+    "image": np.float32,  # (C, H, W): pixels in [-1, 1] or codec latents
+    "image_flipped": np.float32,  # the latents of the horizontally flipped pixels (precompute with data.hflip)
+    "text": np.float32,  # (L, D) text-encoder features
+    "text_mask": np.bool_,  # (L,), True = a real token
+}
+
+
+def tensor_columns(name: str, arrays: Sequence[np.ndarray]) -> dict[str, pa.Array]:
+    """{NAME: binary, NAME_shape: list<int32>} for one array per row."""
+    dtype = DTYPES[name]
+    return {
+        name: pa.array([np.ascontiguousarray(a, dtype=dtype).tobytes() for a in arrays], pa.binary()),
+        f"{name}_shape": pa.array([list(a.shape) for a in arrays], pa.list_(pa.int32())),
+    }
+
+
+def with_tensor(table: pa.Table, name: str, arrays: Sequence[np.ndarray]) -> pa.Table:
+    """`table` with the tensor column NAME set (replaced if present)."""
+    for column, values in tensor_columns(name, arrays).items():
+        if column in table.column_names:
+            table = table.set_column(table.column_names.index(column), column, values)
+        else:
+            table = table.append_column(column, values)
+    return table
+
+
+def without_tensor(table: pa.Table, name: str) -> pa.Table:
+    return table.drop_columns([name, f"{name}_shape"])
+
+
+def row_tensors(table: pa.Table, name: str) -> list[np.ndarray]:
+    """One array per row (shapes may differ)."""
+    dtype = DTYPES[name]
+    return [np.frombuffer(data, dtype=dtype).reshape(shape)
+            for data, shape in zip(table[name].to_pylist(), table[f"{name}_shape"].to_pylist())]
+
+
+def stacked(table: pa.Table, name: str) -> np.ndarray:
+    """(rows, *shape) for rows that all share one shape; a writable copy."""
+    shapes = {tuple(shape) for shape in table[f"{name}_shape"].to_pylist()}
+    if len(shapes) != 1:
+        raise ValueError(f"column '{name}' mixes shapes {sorted(shapes)}; group rows by bucket first")
+    data = b"".join(table[name].to_pylist())
+    return np.frombuffer(data, dtype=DTYPES[name]).reshape(table.num_rows, *shapes.pop()).copy()
