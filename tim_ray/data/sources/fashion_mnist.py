@@ -1,0 +1,76 @@
+"""Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist by default): real 28x28 grey images, captioned
+from the class names with several templates. The class id stays in the `label` column for class-conditional runs.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tim_ray.data.records import DataError, RawSample
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+CLASS_NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+               "ankle boot")
+TEMPLATES = ("a photo of {}", "a black and white photo of {}", "a picture of {}", "a product photo of {}",
+             "a grayscale image of {}", "{}")
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+ROWS_PER_UNIT = 5000
+
+
+def with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def class_captions(label: int) -> list[str]:
+    """Every template filled with the class noun, e.g. 'a black and white photo of an ankle boot'."""
+    return [template.format(with_article(CLASS_NOUNS[label])) for template in TEMPLATES]
+
+
+@functools.lru_cache(maxsize=2)
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """An IDX array (big-endian header: magic, then one uint32 per dimension). Cached: every read task of a worker
+    process would otherwise decompress the same 26 MB file again."""
+    try:
+        with gzip.open(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"Fashion-MNIST file '{path}' not found; install the Debian package dataset-fashion-mnist "
+                        "or set data.path to a directory with the IDX .gz files") from None
+    header = np.frombuffer(data, dtype=">u4", count=1)[0]
+    if header != magic:
+        raise DataError(f"'{path}' is not an IDX file (magic {header}, expected {magic})")
+    ndim = magic & 0xFF
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMnistSource:
+    name = "fashion-mnist"
+
+    def __init__(self, path: str, split: str, max_samples: int):
+        if split not in SPLIT_PREFIX:
+            raise DataError(f"data.split '{split}' is not one of {', '.join(SPLIT_PREFIX)} for fashion-mnist")
+        directory = Path(path or DEFAULT_DIR)
+        self.split = split
+        self.images_path = str(directory / f"{SPLIT_PREFIX[split]}-images-idx3-ubyte.gz")
+        self.labels_path = str(directory / f"{SPLIT_PREFIX[split]}-labels-idx1-ubyte.gz")
+        count = len(read_idx(self.labels_path, LABELS_MAGIC))
+        self.count = min(count, max_samples) if max_samples else count
+
+    def units(self) -> list[dict]:
+        return [{"start": s, "stop": min(s + ROWS_PER_UNIT, self.count)} for s in range(0, self.count, ROWS_PER_UNIT)]
+
+    def read(self, unit: dict) -> Iterator[RawSample]:
+        images = read_idx(self.images_path, IMAGES_MAGIC)
+        labels = read_idx(self.labels_path, LABELS_MAGIC)
+        for index in range(unit["start"], unit["stop"]):
+            label = int(labels[index])
+            yield RawSample(sample_id=index, key=f"{self.split}/{index}", image=images[index],
+                            captions=class_captions(label), label=label)

@@ -1,0 +1,69 @@
+"""Finding a source's files on any pyarrow filesystem: a local directory, a single file, a glob, or a URI
+(s3://bucket/prefix, gs://..., file:///...). Keys are paths relative to the root, so a row's id does not change
+when the data moves between a laptop and a bucket.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from tim_ray.data.records import DataError
+
+GLOB_CHARS = "*?["
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (ValueError, OSError) as exc:  # unknown scheme, missing credentials, bad bucket name
+            raise DataError(f"cannot open '{path}': {str(exc).splitlines()[0]}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+@dataclass(frozen=True)
+class FileSet:
+    location: str  # what the user gave (re-resolved in each Ray worker: filesystems are cheap to rebuild)
+    root: str  # the directory keys are relative to, inside the filesystem
+    keys: tuple[str, ...]  # sorted paths relative to root
+
+    def filesystem(self) -> pafs.FileSystem:
+        return resolve(self.location)[0]
+
+    def full_path(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+
+def _visible(path: str) -> bool:
+    """Skip hidden and bookkeeping files (.DS_Store, _SUCCESS, .ipynb_checkpoints/...)."""
+    return not any(part.startswith((".", "_")) for part in path.split("/"))
+
+
+def _listing(fs: pafs.FileSystem, directory: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+    return [info.path for info in infos if info.type == pafs.FileType.File]
+
+
+def list_files(location: str, extensions: tuple[str, ...]) -> FileSet:
+    """The files under `location` (directory, file or glob) whose names end in one of `extensions`."""
+    fs, path = resolve(location)
+    if any(c in path for c in GLOB_CHARS):
+        parts = path.split("/")
+        first_glob = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+        root = "/".join(parts[:first_glob])
+        paths = [p for p in _listing(fs, root) if fnmatch.fnmatchcase(p, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data.path '{location}' does not exist")
+        root = path.rsplit("/", 1)[0] if info.type == pafs.FileType.File else path.rstrip("/")
+        paths = [path] if info.type == pafs.FileType.File else _listing(fs, root)
+    keys = sorted(p[len(root):].lstrip("/") for p in paths)
+    keys = [k for k in keys if _visible(k) and k.lower().endswith(tuple(f".{e}" for e in extensions))]
+    if not keys:
+        raise DataError(f"no {'/'.join(extensions)} files found at data.path '{location}'")
+    return FileSet(location=location, root=root, keys=tuple(keys))
