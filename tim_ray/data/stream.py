@@ -1,0 +1,107 @@
+"""Groups of cleaned rows -> Ray Data (gather + augment, text encoder, codec) -> one encoded table per group, in
+order; and the conversion of such a table into a training batch.
+
+A group is a list of row positions of one bucket: a rank's share of one global batch (training) or a chunk of
+rows (precompute). The plan travels as small blocks of whole groups; `preserve_order` keeps the groups in plan
+order, and `regroup` stitches a group back together should Ray Data split it across blocks.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from tim_ray.data.encode import EncoderSpec, add_encode_stages, group_runs, unit_range
+from tim_ray.data.order import NOISE, draw, hash64
+from tim_ray.data.tensors import row_tensors, stacked, with_tensor
+
+ROWS_PER_BLOCK = 256  # plan rows per Ray Data block (whole groups): small blocks keep the pipeline streaming
+
+
+def plan_blocks(groups: list[np.ndarray]) -> list[pa.Table]:
+    """The plan as tables of (group, position), each holding whole groups and about ROWS_PER_BLOCK rows."""
+    blocks, pending, rows = [], [], 0
+    for index, positions in enumerate(groups):
+        pending.append(pa.table({"group": np.full(len(positions), index, dtype=np.int64),
+                                 "position": np.asarray(positions, dtype=np.int64)}))
+        rows += len(positions)
+        if rows >= ROWS_PER_BLOCK:
+            blocks.append(pa.concat_tables(pending))
+            pending, rows = [], 0
+    if pending:
+        blocks.append(pa.concat_tables(pending))
+    return blocks
+
+
+def gather_rows(plan: pa.Table, clean: pa.Table, seed: int, epoch: int, hflip: bool,
+                caption_dropout: float) -> pa.Table:
+    """The planned rows of the clean table with this epoch's caption pick, caption dropout and flips applied."""
+    rows = clean.take(plan["position"])
+    sample_ids = rows["sample_id"].to_numpy()
+    captions = rows["captions"].to_pylist()
+    draws = draw(sample_ids, np.array([len(c) for c in captions]), seed, epoch, hflip, caption_dropout)
+    caption = ["" if drop else options[pick] for options, drop, pick in zip(captions, draws.drop, draws.caption)]
+    out = pa.table({
+        "group": plan["group"],
+        "sample_id": rows["sample_id"],
+        "label": rows["label"],
+        "bucket": rows["bucket"],
+        "caption": pa.array(caption, pa.string()),
+        "noise_seed": (hash64(sample_ids, seed, epoch, NOISE) >> np.uint64(1)).astype(np.int64),
+    })
+    pixels = row_tensors(rows, "pixels")
+    return with_tensor(out, "pixels", [p[:, ::-1] if flip else p for p, flip in zip(pixels, draws.flip)])
+
+
+def _gather_from_store(plan: pa.Table, table_ref: ray.ObjectRef, **kwargs) -> pa.Table:
+    """gather_rows in a Ray worker: the clean table comes from the object store (zero-copy), not with each task."""
+    return gather_rows(plan, ray.get(table_ref), **kwargs)
+
+
+def regroup(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """One table per group from a stream of blocks in group order (a group may span blocks)."""
+    pending = None
+    for block in blocks:
+        if block.num_rows == 0:
+            continue
+        table = pa.concat_tables([pending, block]) if pending is not None else block
+        runs = group_runs(table)
+        for start, stop in runs[:-1]:
+            yield table.slice(start, stop - start)
+        pending = table.slice(runs[-1][0])  # the last group may go on in the next block
+    if pending is not None:
+        yield pending
+
+
+def encoded_groups(table: pa.Table, groups: list[np.ndarray], encoders: EncoderSpec, *, seed: int, epoch: int,
+                   hflip: bool, caption_dropout: float, with_flipped: bool = False) -> Iterator[pa.Table]:
+    """Each group of `table` (clean rows) gathered, augmented and encoded by Ray Data, one table per group."""
+    if not groups:
+        return
+    ds = ray.data.from_arrow(plan_blocks(groups))
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    ds = ds.map_batches(_gather_from_store, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"table_ref": ray.put(table), "seed": seed, "epoch": epoch, "hflip": hflip,
+                                   "caption_dropout": caption_dropout})
+    ds = add_encode_stages(ds, encoders, with_flipped)
+    yield from regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def to_batch(table: pa.Table) -> dict[str, torch.Tensor]:
+    """The training batch of one group (see tim_ray.data for the format). Pixels become [-1, 1] channels-first;
+    without text features (class conditioning) text is (B, 0, 0) and text_mask (B, 0)."""
+    rows = table.num_rows
+    image = (torch.from_numpy(stacked(table, "image")) if "image" in table.column_names
+             else unit_range(stacked(table, "pixels")))
+    if "text" in table.column_names:
+        text, text_mask = torch.from_numpy(stacked(table, "text")), torch.from_numpy(stacked(table, "text_mask"))
+    else:
+        text, text_mask = torch.zeros(rows, 0, 0), torch.zeros(rows, 0, dtype=torch.bool)
+    return {"image": image, "text": text, "text_mask": text_mask,
+            "label": torch.from_numpy(table["label"].to_numpy().astype(np.int64)),
+            "sample_id": torch.from_numpy(table["sample_id"].to_numpy().astype(np.int64))}
