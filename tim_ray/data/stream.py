@@ -2,8 +2,9 @@
 order; and the conversion of such a table into a training batch.
 
 A group is a list of row positions of one bucket: a rank's share of one global batch (training) or a chunk of
-rows (precompute). The plan travels as small blocks of whole groups; `preserve_order` keeps the groups in plan
-order, and `regroup` stitches a group back together should Ray Data split it across blocks.
+rows (precompute). Each group travels as its own Ray Data block, never split (target_max_block_size = None), so
+every encoder call sees exactly one group; `preserve_order` keeps the groups in plan order, and `regroup` cuts
+the output back into groups whatever blocks Ray Data hands over.
 """
 from __future__ import annotations
 
@@ -19,22 +20,11 @@ from tim_ray.data.encode import EncoderSpec, add_encode_stages, group_runs, unit
 from tim_ray.data.order import NOISE, draw, hash64
 from tim_ray.data.tensors import row_tensors, stacked, with_tensor
 
-ROWS_PER_BLOCK = 256  # plan rows per Ray Data block (whole groups): small blocks keep the pipeline streaming
-
 
 def plan_blocks(groups: list[np.ndarray]) -> list[pa.Table]:
-    """The plan as tables of (group, position), each holding whole groups and about ROWS_PER_BLOCK rows."""
-    blocks, pending, rows = [], [], 0
-    for index, positions in enumerate(groups):
-        pending.append(pa.table({"group": np.full(len(positions), index, dtype=np.int64),
-                                 "position": np.asarray(positions, dtype=np.int64)}))
-        rows += len(positions)
-        if rows >= ROWS_PER_BLOCK:
-            blocks.append(pa.concat_tables(pending))
-            pending, rows = [], 0
-    if pending:
-        blocks.append(pa.concat_tables(pending))
-    return blocks
+    """The plan as one (group, position) table per group."""
+    return [pa.table({"group": np.full(len(positions), index, dtype=np.int64),
+                      "position": np.asarray(positions, dtype=np.int64)}) for index, positions in enumerate(groups)]
 
 
 def gather_rows(plan: pa.Table, clean: pa.Table, seed: int, epoch: int, hflip: bool,
@@ -84,6 +74,7 @@ def encoded_groups(table: pa.Table, groups: list[np.ndarray], encoders: EncoderS
         return
     ds = ray.data.from_arrow(plan_blocks(groups))
     ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = None  # a block is one group: keep it whole however large
     ds.context.enable_progress_bars = False
     ds = ds.map_batches(_gather_from_store, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"table_ref": ray.put(table), "seed": seed, "epoch": epoch, "hflip": hflip,
