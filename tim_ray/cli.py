@@ -44,6 +44,21 @@ def cmd_config_validate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    cfg, _ = _resolve(args)
+    from tim_ray.train.launch import ResumeError, launch, resolve_resume
+
+    try:
+        if args.dry_run:
+            from tim_ray.train.plan import describe_plan
+
+            print(describe_plan(cfg, resolve_resume(cfg, args.resume), args.address))
+            return 0
+        return launch(cfg, address=args.address, resume=args.resume)
+    except ResumeError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_env(args) -> int:
     from tim_ray.env_report import environment_report
 
@@ -68,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a TiM (default: the built-in CPU quickstart)")
     _add_config_args(p)
-    p.set_defaults(run=_not_built("the training issue"))
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (default: ray.address, then RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto: continue this run from its latest checkpoint (default); never: refuse to touch an "
+                        "existing run; PATH: start from that checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check everything, print the plan, and exit without training or writing")
+    p.set_defaults(run=cmd_train)
 
     for name, text, issue in [
         ("sample", "draw images from a checkpoint at any number of steps", "the sampling/eval issue"),

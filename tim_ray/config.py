@@ -51,7 +51,7 @@ class TransitionConfig:
     consistency_ratio: float = 0.1  # share of rows with r = T_min
     derivative: str = "dde"  # dde (finite difference, FSDP-friendly) | jvp (torch.func, math attention only)
     dde_epsilon: float = 0.005
-    dde_fp32_forwards: bool = False  # run the two DDE forwards without autocast (spec B2); True needs fp32 params
+    dde_fp32_forwards: bool = True  # run the two DDE forwards in fp32, outside bf16 autocast (spec B2)
     time_weight: str = "sqrt"  # constant | reciprocal | sqrt | square | soft_min_snr
     time_weight_map: str = "tangent"  # tangent | sigmoid | none
     weight_t_and_r: bool = True

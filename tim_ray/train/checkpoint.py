@@ -27,9 +27,12 @@ DCP_DIR = "dcp"
 
 @dataclass
 class TrainState:
-    """Where training stands. `samples_seen` is the data position: global samples consumed since the start."""
+    """Where training stands. The data position is (epoch, epoch_samples: samples of that epoch consumed);
+    samples_seen counts all samples since the start."""
 
     step: int = 0
+    epoch: int = 0
+    epoch_samples: int = 0
     samples_seen: int = 0
     world_size: int = 1
     mlflow_run_id: str | None = None

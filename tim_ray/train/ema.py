@@ -35,6 +35,7 @@ class ShardLocalEMA:
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
         """Run `model` with the EMA weights (e.g. to draw samples), restoring the trained weights afterwards."""
+        _reshard(model)
         saved = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -43,6 +44,13 @@ class ShardLocalEMA:
         try:
             yield model
         finally:
+            _reshard(model)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     p.copy_(saved[name])
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded after a forward; swap shards only in the sharded state."""
+    if hasattr(model, "reshard"):
+        model.reshard()

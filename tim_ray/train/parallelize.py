@@ -11,8 +11,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def mixed_precision_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`train.precision`: auto = bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and gain nothing here)."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`train.precision`: auto = bf16 autocast on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow here)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
@@ -25,11 +25,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block)
 
 
-def shard_model(model: nn.Module, device: torch.device, world_size: int, param_dtype: torch.dtype) -> nn.Module:
-    """Shard `model` in place over all ranks. Parameters stay fp32 (the master weights); compute runs in
-    `param_dtype`, gradients are reduced in fp32."""
+def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """Shard `model` in place over all ranks. Parameters are gathered in fp32, not bf16: bf16 compute comes from
+    autocast around the gradient forward, so the two DDE forwards can run in fp32 (with bf16 weights the finite
+    difference is mostly round-off noise; see docs/decisions.md, B2). Gradients are reduced in fp32."""
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -1,0 +1,139 @@
+"""The driver side of `tim-ray train`: start or join Ray, open the MLflow run, launch the Ray Train run, report.
+
+The run directory is <train.output_dir>/<train.name>; Ray Train persists checkpoints under
+<ray.storage_path or train.output_dir>/<train.name>/checkpoint_<step>, so running the same name again resumes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tim_ray.config import Config, Derived, dump_toml, to_dict
+from tim_ray.tracking import Tracker, tracking_uri
+from tim_ray.train.checkpoint import CheckpointError, read_state
+
+RUN_ID_FILE = "mlflow_run_id"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+class ResumeError(ValueError):
+    """A resume request that cannot be honoured (exit 2)."""
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return (Path(cfg.train.output_dir) / cfg.train.name).resolve()
+
+
+def storage_root(cfg: Config) -> str:
+    return cfg.ray.storage_path or str(Path(cfg.train.output_dir).resolve())
+
+
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The newest complete checkpoint Ray registered for this run name on local storage, if any."""
+    snapshot = Path(storage_root(cfg)) / cfg.train.name / RAY_SNAPSHOT
+    if "://" in storage_root(cfg) or not snapshot.is_file():
+        return None
+    done = sorted(p for p in snapshot.parent.glob("checkpoint_*") if (p / "state.json").is_file())
+    return str(done[-1]) if done else None
+
+
+def resolve_resume(cfg: Config, resume: str) -> str | None:
+    """`auto`: continue this run from its latest checkpoint (Ray finds it); `never`: refuse an existing run;
+    PATH: start from that checkpoint. Returns the explicit checkpoint to start from, if any."""
+    existing = latest_checkpoint(cfg)
+    if resume == "auto":
+        return None
+    if resume == "never":
+        if existing:
+            raise ResumeError(f"run '{cfg.train.name}' already has checkpoints ({existing}); use --resume auto to "
+                              f"continue it or choose another train.name")
+        return None
+    try:
+        read_state(resume)
+    except CheckpointError as exc:
+        raise ResumeError(str(exc)) from None
+    return str(Path(resume).resolve())
+
+
+def scaling_config(cfg: Config):
+    import ray.train
+
+    workers = (cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers else cfg.ray.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                                   resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                                         **({"GPU": 1} if cfg.ray.use_gpu else {})})
+
+
+def start_ray(cfg: Config, address: str | None) -> str:
+    """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs."""
+    import ray
+
+    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        return f"joined the Ray cluster at {target}"
+    # Oversubscribed logical CPUs: on a 2-core machine Ray Train's workers would otherwise starve Ray Data.
+    ray.init(num_cpus=cfg.ray.local_num_cpus, log_to_driver=True)
+    return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
+
+
+def _open_tracker(cfg: Config, run_dir: Path, resuming: bool) -> Tracker:
+    id_file = run_dir / RUN_ID_FILE
+    existing = id_file.read_text().strip() if resuming and id_file.is_file() else None
+    tracker = Tracker.create_run(cfg, run_dir, cfg.train.name, existing_run_id=existing)
+    if tracker.enabled:
+        id_file.write_text(tracker.run_id)
+    return tracker
+
+
+def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tim_ray.data.batches import load_training_data
+    from tim_ray.train.loop import train_loop_per_worker
+
+    start_from = resolve_resume(cfg, resume)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    resuming = latest_checkpoint(cfg) is not None
+    where = start_ray(cfg, address)
+    print(f"tim-ray train: {where}; preparing data ({cfg.data.source})", flush=True)
+    data = load_training_data(cfg, run_dir)
+    rejected = data.reject_counts()
+    print(f"tim-ray train: {data.num_rows} usable rows, {sum(rejected.values())} rejected {rejected or ''}"
+          f"{f' (listed in {run_dir / cfg.data.rejects_file})' if rejected else ''}", flush=True)
+    tracker = _open_tracker(cfg, run_dir, resuming)
+    derived = Derived.of(cfg)
+    print(f"tim-ray train:\n  run directory: {run_dir}\n  checkpoints:   {storage_root(cfg)}/{cfg.train.name}"
+          f"\n  mlflow:        {tracking_uri(cfg, run_dir) if tracker.enabled else 'off'}"
+          f"{f' (run {tracker.run_id})' if tracker.enabled else ''}"
+          f"\n  global batch {derived.global_batch}, lr {derived.lr:g}, {cfg.train.steps} steps"
+          f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
+                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data)},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name, storage_path=storage_root(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    summary = result.metrics or {}
+    print(f"tim-ray train: done. last checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}\n"
+          f"  final metrics: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})}"
+          f"\n  samples:       {run_dir / 'samples'}"
+          f"\n  browse runs:   mlflow ui --backend-store-uri {tracking_uri(cfg, run_dir)}", flush=True)
+    sys.stdout.flush()
+    return 0

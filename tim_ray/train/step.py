@@ -1,0 +1,87 @@
+"""One optimizer step of TiM training, free of Ray: the worker loop, the overfit test and the benchmarks call it.
+
+Every random draw of a step (noise, (t, r), label dropout) comes from the generator it is given, which the loop
+derives from (seed, step, rank); the step itself holds no RNG state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tim_ray.config import Config
+from tim_ray.transition.intervals import sample_intervals
+from tim_ray.transition.objective import transition_loss
+from tim_ray.transition.paths import TransitionPath
+
+
+@dataclass
+class StepResult:
+    skipped: bool  # True when the loss or the gradient was not finite and no update was made
+    grad_norm: float
+    metrics: dict[str, float]  # the loss parts, averaged over micro-batches
+
+
+def conditioning(batch: dict, cfg: Config, generator: torch.Generator) -> dict:
+    """The model's condition kwargs for a batch. Text: the caption features (caption dropout to "" already
+    happened in the data pipeline). Class: the label, replaced by the null class with prob data.caption_dropout."""
+    if cfg.model.conditioning == "text":
+        return {"context": batch["text"], "context_mask": batch["text_mask"]}
+    labels = batch["label"]
+    drop = torch.rand(labels.shape, generator=generator, device=generator.device) < cfg.data.caption_dropout
+    return {"y": torch.where(drop.to(labels.device), torch.full_like(labels, cfg.model.num_classes), labels)}
+
+
+def micro_batches(batch: dict, count: int) -> list[dict]:
+    """Split every tensor of `batch` along dim 0 into `count` equal parts (gradient accumulation)."""
+    size = len(batch["image"])
+    if size % count:
+        raise ValueError(f"batch of {size} does not split into train.grad_accum={count} micro-batches")
+    step = size // count
+    return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(count)]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Config, path: TransitionPath,
+               generator: torch.Generator, autocast_dtype: torch.dtype = torch.float32) -> StepResult:
+    """Forward + backward over `train.grad_accum` micro-batches, clip, and step unless anything is non-finite."""
+    optimizer.zero_grad(set_to_none=True)
+    parts: dict[str, list[float]] = {}
+    chunks = micro_batches(batch, cfg.train.grad_accum)
+    for chunk in chunks:
+        x = chunk["image"]
+        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        times = sample_intervals(len(x), path, cfg.transition, generator, device=x.device)
+        cond = conditioning(chunk, cfg, generator)
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            out = transition_loss(model, x, z, times.t, times.r, cond, path=path, config=cfg.transition)
+        # Backward even through a non-finite loss: under FSDP every rank must join the gradient reduction, and the
+        # NaN it spreads makes the global gradient norm non-finite on every rank, so all ranks skip together.
+        (out.loss / len(chunks)).backward()
+        for name, value in out.metrics().items():
+            parts.setdefault(name, []).append(value)
+    grad_norm = _full(nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+    # A row type absent from a micro-batch has a NaN mean; average over the micro-batches that had it.
+    metrics = {name: _nanmean(values) for name, values in parts.items()}
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(skipped=True, grad_norm=grad_norm, metrics=metrics)
+    optimizer.step()
+    return StepResult(skipped=False, grad_norm=grad_norm, metrics=metrics)
+
+
+def _nanmean(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present) if present else math.nan
+
+
+def _full(norm: torch.Tensor) -> float:
+    """The global norm as a float; under FSDP2 clip_grad_norm_ returns a DTensor."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """AdamW over all parameters, nothing excluded from decay (spec §3.9)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                             weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
