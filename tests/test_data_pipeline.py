@@ -26,6 +26,7 @@ from tim_ray.data import (
 )
 from tim_ray.data.encode import check_encoders, unit_range
 from tim_ray.data.order import draw, epoch_batches, rank_slice
+from tim_ray.data.sources.shapes import render, scene
 
 pytestmark = pytest.mark.ray
 
@@ -143,9 +144,14 @@ def test_precompute_writes_shards_that_train_with_flips_and_dropout(tmp_path):
     assert np.array_equal(~batches[0]["text_mask"].any(1).numpy(), draws.drop)
 
 
-def test_precomputed_shards_refuse_another_geometry(tmp_path):
-    cfg = load_config(overrides=["data.source=shapes", "data.max_samples=12"])
+def test_pixel_shards_hold_the_source_pixels_and_refuse_another_geometry(tmp_path):
+    source = ["data.source=shapes", "data.max_samples=12", "data.caption_dropout=0"]
+    cfg = load_config(overrides=source)
     run_precompute(cfg, tmp_path / "out", encoders=stand_ins(cfg), log=lambda line: None)
+    data = load_precomputed(load_config(overrides=[*source, f"data.precomputed='{tmp_path / 'out'}'"]))
+    batch = next(iter(rank_batches(data, 0, 0, 0, 4, rank=0, world=1)))
+    rendered = np.stack([render(scene(0, i, ((32, 32),))) for i in batch["sample_id"].tolist()])
+    assert torch.equal(batch["image"], unit_range(rendered)) and batch["text_mask"].any(1).all()
     other = load_config(overrides=["data.source=shapes", "data.height=64", f"data.precomputed='{tmp_path / 'out'}'"])
     with pytest.raises(DataError, match="data.height = 32 .config: 64."):
         load_precomputed(other)

