@@ -46,17 +46,14 @@ def cmd_config_validate(args) -> int:
 
 def cmd_train(args) -> int:
     cfg, _ = _resolve(args)
-    from tim_ray.train.launch import ResumeError, launch, resolve_resume
+    from tim_ray.train.launch import launch, resolve_resume
 
-    try:
-        if args.dry_run:
-            from tim_ray.train.plan import describe_plan
+    if args.dry_run:
+        from tim_ray.train.plan import describe_plan
 
-            print(describe_plan(cfg, resolve_resume(cfg, args.resume), args.address))
-            return 0
-        return launch(cfg, address=args.address, resume=args.resume)
-    except ResumeError as exc:
-        raise UsageError(str(exc)) from None
+        print(describe_plan(cfg, resolve_resume(cfg, args.resume), args.address))
+        return 0
+    return launch(cfg, address=args.address, resume=args.resume)
 
 
 def cmd_env(args) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """A bad config file, key, value or override. The CLI prints it as one line and exits 2."""
+    """A bad config file, key, value or override, or an input it names that cannot be used (a text encoder, a
+    codec, a data path, a checkpoint to resume). The CLI prints it as one line and exits 2."""
 
 
 @dataclass

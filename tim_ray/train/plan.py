@@ -15,11 +15,11 @@ def _gib(n_bytes: float) -> str:
 
 def model_inputs(cfg: Config) -> tuple[int, int | None]:
     """(in_channels, text_dim) of the network from the data and the encoders' configs (no weights loaded)."""
-    from tim_ray.data.encode import model_input_channels
+    from tim_ray.data.batches import image_channels
     from tim_ray.models.text import text_feature_dim
 
     text_dim = text_feature_dim(cfg.model.text_encoder) if cfg.model.conditioning == "text" else None
-    return model_input_channels(cfg), text_dim
+    return image_channels(cfg), text_dim
 
 
 def describe_plan(cfg: Config, start_from: str | None, address: str | None) -> str:
