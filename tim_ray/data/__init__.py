@@ -19,6 +19,12 @@ Batch format (one dict per step and rank, from `rank_batches`):
                  of the file path relative to the source root and the row's place in the file)
 All rows of a batch share one bucket (one H x W). A dropped caption (data.caption_dropout) is the encoding of "".
 
+Use: `data = load_training_data(cfg, run_dir)` once on the driver (cleaned source or precomputed shards; then
+`data.reject_counts()` for the log and MLflow), `ray.put` it, and in each worker iterate
+`rank_batches(data, seed, epoch, start_sample, global_batch, rank, world)`. `image_channels(cfg)` is the
+network's in_channels; `check_encoders` loads and tries the encoders in a Ray task (one-line errors, the text
+width D); `run_precompute(cfg, out_dir)` backs `tim-ray precompute`.
+
 Exact resume (see order.py): the sample order is a pure function of (train seed, epoch, position). Training keeps
 (epoch, samples consumed in the epoch) in its checkpoint and resumes with
     rank_batches(data, seed, epoch, start_sample=consumed, global_batch, rank, world)
@@ -35,7 +41,7 @@ What scales and what does not:
 - Precomputed shards are read fully into memory: rows x (latent + L x D x 4 bytes of text features).
 - Not built: a streaming (never materialised) path for web-scale sets, and its resumable order.
 """
-from tim_ray.data.batches import image_channels, load_training_data, rank_batches, steps_in_epoch
+from tim_ray.data.batches import image_channels, load_training_data, rank_batches
 from tim_ray.data.clean import CleanSet, clean_dataset, load_clean
 from tim_ray.data.encode import EncoderSpec, check_encoders
 from tim_ray.data.order import epoch_batches, epoch_order
@@ -45,5 +51,5 @@ from tim_ray.data.records import REJECT_REASONS, DataError
 __all__ = [
     "CleanSet", "DataError", "EncoderSpec", "PrecomputedSet", "REJECT_REASONS", "check_encoders", "clean_dataset",
     "epoch_batches", "epoch_order", "image_channels", "load_clean", "load_precomputed", "load_training_data",
-    "rank_batches", "run_precompute", "steps_in_epoch",
+    "rank_batches", "run_precompute",
 ]

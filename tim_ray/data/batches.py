@@ -37,12 +37,6 @@ def rank_batches(data: TrainingData, seed: int, epoch: int, start_sample: int, g
     return data.local_batches(groups, seed, epoch)
 
 
-def steps_in_epoch(data: TrainingData, seed: int, epoch: int, global_batch: int | None,
-                   drop_last: bool = True) -> int:
-    """Global batches in a whole epoch (with buckets, the count can differ slightly between epochs)."""
-    return len(epoch_batches(data.buckets, data.bucket_batch_sizes, seed, epoch, 0, global_batch, drop_last))
-
-
 def image_channels(cfg) -> int:
     """Channels of batch["image"] for this config (the model's in_channels): the precomputed shards' shape, else
     the pixel channels (1 for Fashion-MNIST, 3 otherwise) in pixel space, else the codec's latent channels."""
