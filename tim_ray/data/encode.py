@@ -10,6 +10,7 @@ Encoders come from tim_ray.models (`load_text_encoder`, `load_codec`) unless an 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,10 +24,10 @@ from tim_ray.data.geometry import PIXEL_CODEC
 from tim_ray.data.tensors import stacked, with_tensor, without_tensor
 
 
-def _load_text_encoder(name: str, max_tokens: int, device: str):
+def _load_text_encoder(name: str, max_tokens: int, device: str, cache_size: int = 0):
     from tim_ray.models.text import load_text_encoder
 
-    return load_text_encoder(name, max_tokens, device=device)
+    return load_text_encoder(name, max_tokens, device=device, cache_size=cache_size)
 
 
 def _load_codec(name: str, kind: str, sample_posterior: bool, device: str):
@@ -57,7 +58,8 @@ class EncoderSpec:
         return EncoderSpec(text=m.conditioning == "text", text_encoder=m.text_encoder,
                            max_text_tokens=m.max_text_tokens, codec=m.codec, codec_kind=m.codec_kind,
                            sample_posterior=m.codec_sample_posterior, actors=d.encode_actors, cpus=d.encode_cpus,
-                           gpus=d.encode_gpus)
+                           gpus=d.encode_gpus, load_text=functools.partial(_load_text_encoder,
+                                                                           cache_size=m.text_cache))
 
     @property
     def device(self) -> str:

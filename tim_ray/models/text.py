@@ -11,6 +11,7 @@ graphs want that); the mask marks the real tokens.
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 
 import torch
 
@@ -46,11 +47,13 @@ class TextEncoder:
     Not inference_mode: its tensors could not be saved for backward when they feed the trainable caption embedder.
     """
 
-    def __init__(self, name: str, tokenizer, model, max_tokens: int, device):
+    def __init__(self, name: str, tokenizer, model, max_tokens: int, device, cache_size: int = 0):
         self.name, self.tokenizer, self.model = name, tokenizer, model
         self.max_tokens, self.device = max_tokens, torch.device(device)
         self.dim = model.config.hidden_size
         self._empty = None  # ("" features, mask), computed on first use: "" is ~10% of training captions
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @torch.no_grad()
     def _run(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +69,24 @@ class TextEncoder:
         features = self._empty[0].expand(len(captions), -1, -1).clone()
         mask = self._empty[1].expand(len(captions), -1).clone()
         rows = [i for i, caption in enumerate(captions) if caption != ""]
-        if rows:
+        if rows and self.cache_size:
+            for i in rows:
+                features[i], mask[i] = self._cached(captions[i])
+        elif rows:
             features[rows], mask[rows] = self._run([captions[i] for i in rows])
         return features, mask
+
+    def _cached(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One caption's features through an LRU cache. Misses are encoded alone, so a caption's features never
+        depend on what else was in its batch (or on what the cache held): runs stay reproducible across resumes."""
+        if caption in self._cache:
+            self._cache.move_to_end(caption)
+            return self._cache[caption]
+        features, mask = self._run([caption])
+        self._cache[caption] = features[0], mask[0]
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return self._cache[caption]
 
 
 def _decoder_or_encoder(model):
@@ -79,9 +97,10 @@ def _decoder_or_encoder(model):
 
 
 def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
-                      dtype: torch.dtype | None = None) -> TextEncoder:
+                      dtype: torch.dtype | None = None, cache_size: int = 0) -> TextEncoder:
     """Load a frozen text encoder by "minilm", hub id or local path. `dtype` (e.g. bf16 for Gemma on a GPU)
-    is the weights' dtype; features come back as float32 whatever it is."""
+    is the weights' dtype; features come back as float32 whatever it is. `cache_size` > 0 keeps that many
+    captions' features (worth it when captions repeat, e.g. class templates; 0 encodes every batch)."""
     from transformers import AutoModel, AutoTokenizer
 
     source = _locate(name)
@@ -95,7 +114,7 @@ def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _decoder_or_encoder(model).to(device).eval().requires_grad_(False)
-    return TextEncoder(name, tokenizer, model, max_tokens, device)
+    return TextEncoder(name, tokenizer, model, max_tokens, device, cache_size)
 
 
 def text_feature_dim(name: str = MINILM) -> int:
