@@ -95,6 +95,20 @@ def load_checkpoint(directory: str, model, optimizer, ema) -> TrainState:
     return state
 
 
+def load_weights(directory: str, model, use_ema: bool = False) -> TrainState:
+    """Load the trained (or EMA) weights of a checkpoint into an unsharded `model` in this one process, whatever
+    world size wrote it: for sampling, evaluation and export."""
+    state, _ = read_state(directory)
+    key = "ema" if use_ema else "model"
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()} if use_ema else model.state_dict()
+    try:
+        dcp.load({key: weights}, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"cannot load the {key} weights of {directory}: {str(exc).splitlines()[0]}") from exc
+    model.load_state_dict(weights, strict=not use_ema)
+    return state
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
 

@@ -1,0 +1,240 @@
+"""What a TiM training step costs, as ratios measured in one run on the same model and batches.
+
+    python benchmarks/train_step.py [--part all|tim-vs-fm|dde-vs-jvp|ray] [--repeats 7]
+
+1. tim-vs-fm: a TiM step (DDE, diffusion ratio 0.5) vs a flow-matching step (diffusion ratio 1, so no derivative
+   forwards) of the same network. Spec §3.10 counts about 1.33x; target at most 1.4x.
+2. dde-vs-jvp: the time derivative dF/dt by DDE (two no-grad forwards) vs torch.func.jvp, both on math attention
+   (JVP has no SDPA/flash rule): time, and peak memory (CUDA: max_memory_allocated; CPU: the peak resident set of a
+   fresh subprocess per method, above its own baseline). Target: DDE at least 2x faster or lighter.
+3. ray: the same training loop inside a 1-worker Ray Train run (FSDP2 over one rank, gloo) vs in plain torch in
+   this process, per-step time after warm-up, measured inside each loop. Target: overhead under 10%.
+4. On CUDA with the XL/2 config (--part gpu): images/s and model FLOPs utilisation counting every forward (the grad
+   forward + backward = 3 units, the DDE forwards on half the rows = 1 unit).
+
+Timings alternate between the variants and report medians, because this machine is noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from tim_ray.config import load_config
+from tim_ray.models.registry import build_model
+from tim_ray.train.checkpoint import step_generator
+from tim_ray.train.step import build_optimizer, train_step
+from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivative
+from tim_ray.transition.paths import get_path
+
+QUICKSTART = ["model.arch=tim-s", "train.batch_size=64"]
+TEXT_DIM, TEXT_TOKENS = 384, 32
+
+
+def synthetic_batch(cfg, channels: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = cfg.train.batch_size, cfg.data.height, cfg.data.width
+    mask = torch.arange(TEXT_TOKENS)[None] < torch.randint(3, 12, (b, 1), generator=g)
+    return {"image": torch.rand(b, channels, h, w, generator=g) * 2 - 1,
+            "text": torch.randn(b, TEXT_TOKENS, TEXT_DIM, generator=g), "text_mask": mask,
+            "label": torch.randint(0, 10, (b,), generator=g)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(variants: dict, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each variant, run round-robin so drifting load hits them alike."""
+    times = {name: [] for name in variants}
+    for i in range(warmup + repeats):
+        for name, fn in variants.items():
+            elapsed = timed(fn, device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def tim_vs_fm(repeats: int, device: torch.device) -> None:
+    runs = {}
+    for name, ratio in [("TiM (diffusion ratio 0.5)", 0.5), ("flow matching (ratio 1)", 1.0)]:
+        pure_fm = ["transition.consistency_ratio=0"] if ratio == 1 else []
+        cfg = load_config(None, QUICKSTART + [f"transition.diffusion_ratio={ratio}", *pure_fm])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 1, TEXT_DIM, device=device)
+        optimizer = build_optimizer(model, cfg, 1e-4)
+        batch = {k: v.to(device) for k, v in synthetic_batch(cfg, 1).items()}
+        path, counter = get_path("otfm"), iter(range(10**9))
+        runs[name] = lambda m=model, o=optimizer, c=cfg, b=batch: train_step(
+            m, o, b, c, path, step_generator(0, next(counter), 0, device))
+    medians = alternate(runs, repeats, device)
+    tim, fm = medians.values()
+    print("\n[1] TiM step vs flow-matching step, tim-s, batch 64, 1x32x32, text conditioning")
+    for name, seconds in medians.items():
+        print(f"  {name:28s} {seconds * 1e3:8.1f} ms")
+    print(f"  ratio TiM / FM: {tim / fm:.2f}x  (spec §3.10 expects ~1.33x; target <= 1.4x)")
+
+
+def _derivative_setup(device: torch.device, seed: int = 0):
+    """A wide, shallow TiM on math attention where activations dominate memory."""
+    cfg = load_config(None, ["model.arch=B/4", "model.conditioning=class", "model.num_classes=10",
+                             "model.attention=math"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, 4, None, device=device)
+    model.blocks = model.blocks[:4]
+    g = torch.Generator().manual_seed(seed)
+    x, z = torch.randn(2, 8, 4, 64, 64, generator=g).to(device)
+    t = torch.full((8,), 0.7, device=device)
+    r = torch.full((8,), 0.3, device=device)
+    cond = {"y": torch.arange(8, device=device) % 10}
+    return model, x, z, t, r, cond, get_path("otfm")
+
+
+def derivative_fn(method: str, device: torch.device):
+    model, x, z, t, r, cond, path = _derivative_setup(device)
+    if method == "dde":
+        return lambda: dde_time_derivative(model, x, z, t, r, cond, path=path, epsilon=0.005)
+    return lambda: jvp_time_derivative(model, x, z, t, r, cond, path=path)
+
+
+def _peak_rss_subprocess(method: str) -> float:
+    """Peak resident MiB of one derivative in a fresh process, above that process's baseline after setup."""
+    out = subprocess.run([sys.executable, __file__, "--_rss", method], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _rss_child(method: str) -> None:
+    import resource
+
+    fn = derivative_fn(method, torch.device("cpu"))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak - baseline}))
+
+
+def dde_vs_jvp(repeats: int, device: torch.device) -> None:
+    medians = alternate({m: derivative_fn(m, device) for m in ("dde", "jvp")}, repeats, device)
+    if device.type == "cuda":
+        memory = {}
+        for method in ("dde", "jvp"):
+            fn = derivative_fn(method, device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            memory[method] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        memory = {method: _peak_rss_subprocess(method) for method in ("dde", "jvp")}
+    print("\n[2] dF/dt by DDE vs torch.func.jvp, B/4 width, 4 blocks, batch 8, 4x64x64 (256 tokens), math attention")
+    for method in ("dde", "jvp"):
+        print(f"  {method}: {medians[method] * 1e3:8.1f} ms, peak memory above baseline {memory[method]:8.1f} MiB")
+    print(f"  JVP / DDE: time {medians['jvp'] / medians['dde']:.2f}x, memory "
+          f"{memory['jvp'] / max(memory['dde'], 1e-9):.2f}x  (target: DDE >= 2x faster or lighter)")
+
+
+def ray_vs_plain(steps: int) -> None:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tim_ray.train.launch import worker_runtime_env
+
+    cfg = load_config(None, QUICKSTART)
+    plain = _loop_seconds_per_step({"steps": steps, "sharded": False})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True},
+                               scaling_config=ray.train.ScalingConfig(num_workers=1),
+                               run_config=ray.train.RunConfig(worker_runtime_env=worker_runtime_env(cfg)))
+        in_ray = trainer.fit().return_value
+    finally:
+        ray.shutdown()
+    print(f"\n[3] Ray Train (1 worker, FSDP2 world 1, gloo) vs plain torch, tim-s batch 64, {steps} timed steps")
+    print(f"  plain torch: {plain * 1e3:8.1f} ms/step;  Ray Train worker: {in_ray * 1e3:8.1f} ms/step")
+    print(f"  overhead: {100 * (in_ray / plain - 1):+.1f}%  (target under 10%)")
+
+
+def _loop_seconds_per_step(config: dict) -> float:
+    cfg = load_config(None, QUICKSTART)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, TEXT_DIM)
+    if config["sharded"]:
+        from tim_ray.train.parallelize import shard_model
+
+        shard_model(model, torch.device("cpu"), 1)
+    optimizer = build_optimizer(model, cfg, 1e-4)
+    batch, path = synthetic_batch(cfg, 1), get_path("otfm")
+    for step in range(2):
+        train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
+    start = time.perf_counter()
+    for step in range(config["steps"]):
+        train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
+    return (time.perf_counter() - start) / config["steps"]
+
+
+def _ray_loop(config: dict) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)  # as the tim-ray worker loop does for one local worker
+    return _loop_seconds_per_step(config)
+
+
+def gpu_throughput(repeats: int) -> None:
+    device = torch.device("cuda")
+    cfg = load_config(None, ["model.arch=XL/2", "model.conditioning=class", "model.num_classes=1000",
+                             "train.batch_size=64", "data.height=32", "data.width=32", "train.precision=bf16"])
+    model = build_model(cfg.model, 4, None, device=device)
+    optimizer = build_optimizer(model, cfg, 1e-4)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(64, 4, 32, 32, generator=g).to(device),
+             "label": torch.randint(0, 1000, (64,), generator=g).to(device)}
+    path, counter = get_path("otfm"), iter(range(10**9))
+    seconds = alternate({"step": lambda: train_step(model, optimizer, batch, cfg, path,
+                                                    step_generator(0, next(counter), 0, device),
+                                                    autocast_dtype=torch.bfloat16)}, repeats, device)["step"]
+    # per-token weights: the blocks without their per-sample modulation MLPs
+    params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and "adaLN" not in n)
+    tokens = 64 * (32 // 2) ** 2
+    forward_flops = 2 * params * tokens + 4 * 28 * 64 * (32 // 2) ** 4 * 1152  # matmuls + attention scores/values
+    units = 3 + 2 * (1 - cfg.transition.diffusion_ratio)
+    peak = float(os.environ.get("TIM_PEAK_TFLOPS", "989")) * 1e12  # H100 SXM bf16 dense
+    print(f"\n[4] XL/2, batch 64, 256 tokens, bf16, {torch.cuda.get_device_name()}: {64 / seconds:.1f} images/s, "
+          f"MFU {forward_flops * units / seconds / peak:.1%} (peak {peak / 1e12:.0f} TFLOP/s; target >= 40%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="all", choices=["all", "tim-vs-fm", "dde-vs-jvp", "ray", "gpu"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--_rss", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._rss:
+        return _rss_child(args._rss)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.part in ("all", "tim-vs-fm"):
+        tim_vs_fm(args.repeats, device)
+    if args.part in ("all", "dde-vs-jvp"):
+        dde_vs_jvp(args.repeats, device)
+    if args.part in ("all", "ray"):
+        ray_vs_plain(steps=3 * args.repeats)
+    if args.part in ("all", "gpu") and device.type == "cuda":
+        gpu_throughput(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
