@@ -153,15 +153,11 @@ def ray_vs_plain(steps: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tim_ray.train.launch import worker_runtime_env
-
-    cfg = load_config(None, QUICKSTART)
     plain = _loop_seconds_per_step({"steps": steps, "sharded": False})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True},
-                               scaling_config=ray.train.ScalingConfig(num_workers=1),
-                               run_config=ray.train.RunConfig(worker_runtime_env=worker_runtime_env(cfg)))
+                               scaling_config=ray.train.ScalingConfig(num_workers=1))
         in_ray = trainer.fit().return_value
     finally:
         ray.shutdown()

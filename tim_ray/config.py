@@ -96,7 +96,7 @@ class DataConfig:
 class TrainConfig:
     name: str = "quickstart"
     output_dir: str = "runs"  # the run directory is <output_dir>/<name>
-    steps: int = 900
+    steps: int = 600
     batch_size: int = 64  # per worker, per micro-step
     grad_accum: int = 1
     seed: int = 0
@@ -105,7 +105,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     log_every: int = 25
-    eval_every: int = 300
+    eval_every: int = 200
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
 
 
