@@ -52,3 +52,9 @@ def test_env_reports_versions_devices_and_cluster():
     assert out.returncode == 0, out.stderr
     for name in ["python", "torch", "ray", "mlflow", "transformers", "pyarrow", "flash-attn", "cpu", "ray cluster"]:
         assert f"\n{name}:" in "\n" + out.stdout
+
+
+def test_precompute_refuses_an_unusable_config_with_one_line(tmp_path):
+    out = run("precompute", "data.source=parquet", "--out", str(tmp_path / "shards"))
+    assert out.returncode == 2
+    assert out.stderr == ("tim-ray: error: data.source = 'parquet' needs data.path (a directory, glob or URI)\n")

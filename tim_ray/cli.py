@@ -56,6 +56,18 @@ def cmd_train(args) -> int:
     return launch(cfg, address=args.address, resume=args.resume)
 
 
+def cmd_precompute(args) -> int:
+    cfg, _ = _resolve(args)
+    from tim_ray.data.precompute import run_precompute
+    from tim_ray.train.launch import start_ray
+
+    print(f"tim-ray precompute: {start_ray(cfg, args.address)}", flush=True)
+    manifest = run_precompute(cfg, args.out)
+    print(f"tim-ray precompute: wrote {args.out} ({manifest['rows']} rows); train on it with "
+          f"data.precomputed={args.out}")
+    return 0
+
+
 def cmd_env(args) -> int:
     from tim_ray.env_report import environment_report
 
@@ -93,12 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "draw images from a checkpoint at any number of steps", "the sampling/eval issue"),
         ("eval", "score a checkpoint at several step counts", "the sampling/eval issue"),
         ("tune", "sweep the (t, r) sampling distribution with Ray Tune", "the Ray Tune issue"),
-        ("precompute", "encode a dataset once into parquet shards", "the Ray Data issue"),
         ("export", "gather a distributed checkpoint into one safetensors file", "the checkpoint issue"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(run=_not_built(issue))
+
+    p = sub.add_parser("precompute", help="encode a dataset once into parquet shards (+ manifest.json)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory (must not hold a precompute already)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    p.set_defaults(run=cmd_precompute)
 
     p = sub.add_parser("config", help="show or validate a resolved config")
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
