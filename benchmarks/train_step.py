@@ -156,7 +156,8 @@ def ray_vs_plain(steps: int) -> None:
     plain = _loop_seconds_per_step({"steps": steps, "sharded": False})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True},
+        trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True,
+                                                                   "threads": torch.get_num_threads()},
                                scaling_config=ray.train.ScalingConfig(num_workers=1))
         in_ray = trainer.fit().return_value
     finally:
@@ -185,7 +186,7 @@ def _loop_seconds_per_step(config: dict) -> float:
 
 
 def _ray_loop(config: dict) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)  # as the tim-ray worker loop does for one local worker
+    torch.set_num_threads(config["threads"])  # as many as the plain loop, so only Ray and FSDP differ
     return _loop_seconds_per_step(config)
 
 
