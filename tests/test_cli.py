@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tim_ray.cli", *args], capture_output=True, text=True,

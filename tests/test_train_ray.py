@@ -4,7 +4,6 @@ One coarse run (a Ray Train start costs tens of seconds here); the assertions re
 the MLflow run through the client, the checkpoint on disk, the sample grid.
 """
 import math
-import os
 import socket
 import subprocess
 import sys
