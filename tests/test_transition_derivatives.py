@@ -11,10 +11,8 @@ from tim_ray.models.registry import build_model
 from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivative
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
 from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
-from transition_closed_forms import GaussianOTFM, SmoothNet, TinyAttentionNet, gaussian_batch
+from transition_closed_forms import DTYPE, SHAPE, GaussianOTFM, SmoothNet, TinyAttentionNet, gaussian_batch
 
-SHAPE = (3, 2, 2)
-DTYPE = torch.float64
 EPSILONS = [0.02, 0.01, 0.005, 0.0025]
 # torch's forward-AD decompositions script themselves on first use; the warning is torch's, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

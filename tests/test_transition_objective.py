@@ -10,30 +10,16 @@ from tim_ray.config import TransitionConfig
 from tim_ray.transition.objective import (ModelGuidance, adaptive_weight, time_weight, transition_loss,
                                           transition_target)
 from tim_ray.transition.paths import OTFMPath
-from transition_closed_forms import GaussianOTFM, gaussian_batch, one_torch_thread  # noqa: F401 (autouse)
+from transition_closed_forms import DTYPE, SHAPE, GaussianOTFM, gaussian_batch
+from transition_closed_forms import gaussian, gen, one_torch_thread  # noqa: F401 (fixtures)
+from transition_closed_forms import per_sample as broadcast
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-SHAPE = (3, 2, 2)
-DTYPE = torch.float64
 PATH = OTFMPath()
 
 
 def config(**overrides):
     return dataclasses.replace(TransitionConfig(), **overrides)
-
-
-def b(t, like):
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(0)
-
-
-@pytest.fixture
-def gaussian(gen):
-    return GaussianOTFM(torch.randn(SHAPE, generator=gen, dtype=DTYPE), 0.7)
 
 
 class Recorder:
@@ -54,7 +40,7 @@ class AffineNet(torch.nn.Module):
         self.beta = torch.nn.Parameter(torch.tensor(0.3, dtype=DTYPE))
 
     def forward(self, x, t, r, **cond):
-        return self.theta * x + self.beta * b(t, x)
+        return self.theta * x + self.beta * broadcast(t, x)
 
 
 def times(n, gen, n_diffusion=0, n_consistency=0):
@@ -70,7 +56,7 @@ def test_o2_conditional_target_residual(gaussian, gen):
     x, z = gaussian_batch(gaussian, 200, SHAPE, gen)
     t, r = times(200, gen)
     x_t, v = PATH.interpolate(x, z, t), PATH.velocity(x, z, t)
-    expected = b(gaussian.S(r) / gaussian.S(t), x) * (v - gaussian.u(x_t, t))
+    expected = broadcast(gaussian.S(r) / gaussian.S(t), x) * (v - gaussian.u(x_t, t))
     exact, _ = transition_target(gaussian, x, z, t, r, path=PATH, config=config(derivative="jvp"))
     assert (exact - gaussian(x_t, t, r) - expected).abs().max() < 1e-12
     dde, _ = transition_target(gaussian, x, z, t, r, path=PATH, config=config(derivative="dde"))
@@ -155,8 +141,8 @@ def test_o10_adaptive_weight_gradient():
 
 def hand_loss(net, x, z, t, r, directional=True, adaptive=True):
     """The objective written out for AffineNet: F_tgt = v - (t-r)(θ v + β), w = (1 + tan t - tan r)^-½."""
-    x_t, v = (1 - b(t, x)) * x + b(t, x) * z, z - x
-    target = (v - b(t - r, x) * (net.theta * v + net.beta)).detach()
+    x_t, v = (1 - broadcast(t, x)) * x + broadcast(t, x) * z, z - x
+    target = (v - broadcast(t - r, x) * (net.theta * v + net.beta)).detach()
     F_pred = net(x_t, t, r)
     per_sample = ((F_pred - target) ** 2).flatten(1).mean(1)
     if directional:
@@ -211,7 +197,7 @@ def test_repa_term(gen):
 def ema_model(x, t, r, y):
     """F_ema(x, t, r | y): depends on the label, on t and on x; r must equal t."""
     assert torch.equal(t, r)
-    return b(y.to(x.dtype), x) + b(t, x) * x
+    return broadcast(y.to(x.dtype), x) + broadcast(t, x) * x
 
 
 def test_o11_enhanced_target(gen):

@@ -5,21 +5,9 @@ import pytest
 import torch
 
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath, get_path
-from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
-from transition_closed_forms import GaussianOTFM, GaussianTrigFlow, gaussian_batch
+from transition_closed_forms import gaussian, gen, one_torch_thread  # noqa: F401 (fixtures)
+from transition_closed_forms import DTYPE, SHAPE, GaussianTrigFlow, gaussian_batch
 
-SHAPE = (3, 2, 2)
-DTYPE = torch.float64
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(0)
-
-
-@pytest.fixture
-def gaussian(gen):
-    return GaussianOTFM(torch.randn(SHAPE, generator=gen, dtype=DTYPE), 0.7)
 
 
 def pairs(n, gen, t_lo=0.05, t_hi=0.999, min_gap=1e-3):

@@ -7,10 +7,9 @@ import torch
 from tim_ray.config import SampleConfig
 from tim_ray.transition.paths import OTFMPath, TrigFlowPath
 from tim_ray.transition.sampler import cfg_active, sample, sample_from_config, time_grid
-from transition_closed_forms import GaussianOTFM, GaussianTrigFlow, one_torch_thread  # noqa: F401 (autouse)
+from transition_closed_forms import DTYPE, SHAPE, GaussianOTFM, GaussianTrigFlow
+from transition_closed_forms import one_torch_thread  # noqa: F401 (autouse)
 
-SHAPE = (3, 2, 2)
-DTYPE = torch.float64
 MU = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
 S = 0.7
 

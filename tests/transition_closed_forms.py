@@ -140,3 +140,17 @@ class TinyAttentionNet(torch.nn.Module):
         q, k, v = self.qkv(torch.tanh(tokens)).chunk(3, dim=-1)
         attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
         return self.out(attention @ v).transpose(1, 2).reshape(batch, channels, height, width)
+
+
+SHAPE = (3, 2, 2)  # the per-sample shape of the shared Gaussian fixture
+DTYPE = torch.float64
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def gaussian(gen):
+    return GaussianOTFM(torch.randn(SHAPE, generator=gen, dtype=DTYPE), 0.7)
