@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
@@ -135,5 +134,4 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"  final metrics: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})}"
           f"\n  samples:       {run_dir / 'samples'}"
           f"\n  browse runs:   mlflow ui --backend-store-uri {tracking_uri(cfg, run_dir)}", flush=True)
-    sys.stdout.flush()
     return 0
