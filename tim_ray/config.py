@@ -107,6 +107,7 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 200
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (NaN/inf) steps
+    sample_log: bool = False  # write every step's sample ids to <run dir>/samples_consumed/ (audits resumes)
 
 
 @dataclass
@@ -129,6 +130,9 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 100  # steps
     keep: int = 3
+    # Steps between checks for a stop request (SIGTERM/SIGINT to `tim-ray train`) or a Ray drain of a worker's
+    # node (spot preemption); either saves a checkpoint at once. Each check is a barrier across the workers.
+    stop_check_every: int = 5
 
 
 @dataclass
@@ -326,8 +330,9 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{dotted} = {value!r} is not one of {', '.join(choices)}")
     positive = ["train.steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
-                "checkpoint.every", "checkpoint.keep", "ray.num_workers", "ray.local_num_cpus", "data.height",
-                "data.width", "sample.nfe", "optim.base_batch", "model.max_text_tokens"]
+                "checkpoint.every", "checkpoint.keep", "checkpoint.stop_check_every", "ray.num_workers",
+                "ray.local_num_cpus", "data.height", "data.width", "sample.nfe", "optim.base_batch",
+                "model.max_text_tokens"]
     for dotted in positive:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) <= 0:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.train.checkpoint import CheckpointError, read_state
+from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
+from tim_ray.train.stop import StopFlag, on_stop_signals
 
 RUN_ID_FILE = "mlflow_run_id"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -30,11 +33,17 @@ def storage_root(cfg: Config) -> str:
 
 
 def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest complete checkpoint Ray registered for this run name on local storage, if any."""
+    """The newest checkpoint Ray registered for this run name on local storage, if any. Ray registers a
+    checkpoint only once every rank's files are persisted, so a directory left half-written by a crash is not in
+    its snapshot and is never picked (Ray's own restore reads the same snapshot)."""
     snapshot = Path(storage_root(cfg)) / cfg.train.name / RAY_SNAPSHOT
     if "://" in storage_root(cfg) or not snapshot.is_file():
         return None
-    done = sorted(p for p in snapshot.parent.glob("checkpoint_*") if (p / "state.json").is_file())
+    try:
+        registered = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ResumeError(f"{snapshot} is corrupt ({exc}); move it away to start the run afresh") from None
+    done = sorted(snapshot.parent / name for name in registered if (snapshot.parent / name).is_dir())
     return str(done[-1]) if done else None
 
 
@@ -69,6 +78,8 @@ def start_ray(cfg: Config, address: str | None) -> str:
     """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs."""
     import ray
 
+    if ray.is_initialized():  # a caller (a notebook, a test) already connected this process
+        return "using the Ray this process is connected to"
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, log_to_driver=True)
@@ -113,10 +124,13 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"{f' (run {tracker.run_id})' if tracker.enabled else ''}"
           f"\n  global batch {derived.global_batch}, lr {derived.lr:g}, {cfg.train.steps} steps"
           f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
+    stop_flag = StopFlag.remote()
+    on_stop_signals(stop_flag)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
-                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data)},
+                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data),
+                           "stop_flag": stop_flag, "faults": os.environ.get(FAULTS_ENV, "")},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.train.name, storage_path=storage_root(cfg),
@@ -125,13 +139,39 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except ray.train.TrainingFailedError as exc:
         tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+        print(f"tim-ray train: failed after {cfg.ray.max_failures} restart(s): {_root_cause(exc)}\n"
+              f"  checkpoints: {latest_checkpoint(cfg) or 'none'} (run the same command to resume)",
+              file=sys.stderr, flush=True)
+        return 1
+    outcome = result.return_value or {"status": "finished", "step": None, "message": ""}
+    last = result.checkpoint.path if result.checkpoint else "none"
+    if outcome["status"] in ("nonfinite", "bad_checkpoint"):
+        tracker.finish("FAILED")
+        print(f"tim-ray train: stopped at step {outcome['step']}: {outcome['message']}\n"
+              f"  last good checkpoint: {last}", file=sys.stderr, flush=True)
+        return 1
+    tracker.finish("KILLED" if outcome["status"] == "stopped" else "FINISHED")
+    if outcome["status"] == "stopped":
+        print(f"tim-ray train: stopped at step {outcome['step']} ({outcome['message']}); checkpoint {last}\n"
+              f"  run the same command to continue", flush=True)
+        return 0
     summary = result.metrics or {}
-    print(f"tim-ray train: done. last checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}\n"
+    print(f"tim-ray train: done. last checkpoint: {last}\n"
           f"  final metrics: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})}"
           f"\n  samples:       {run_dir / 'samples'}"
           f"\n  browse runs:   mlflow ui --backend-store-uri {tracking_uri(cfg, run_dir)}", flush=True)
     return 0
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first worker's (or the controller's) error of a failed run, as one line."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    exc = getattr(exc, "controller_failure", exc)
+    while getattr(exc, "cause", None) is not None:  # a RayTaskError wraps the user's exception
+        exc = exc.cause
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"

@@ -1,6 +1,7 @@
 """The Ray Train worker: build, shard, (resume,) train, log, sample, checkpoint. One function per phase."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -8,17 +9,16 @@ from pathlib import Path
 import torch
 
 from tim_ray.config import Config, Derived, from_dict
-from tim_ray.train.checkpoint import TrainState, load_checkpoint, report_with_checkpoint, step_generator
+from tim_ray.train.checkpoint import (CheckpointError, TrainState, load_checkpoint, report_with_checkpoint,
+                                      step_generator)
 from tim_ray.train.ema import ShardLocalEMA
+from tim_ray.train.faults import Faults
 from tim_ray.train.feed import Position, TrainingFeed
 from tim_ray.train.metrics import RunLog
 from tim_ray.train.parallelize import apply_activation_checkpointing, autocast_dtype, shard_model
 from tim_ray.train.step import build_optimizer, train_step
+from tim_ray.train.stop import StopChecks
 from tim_ray.transition.paths import get_path
-
-
-class NonFiniteTraining(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def _device(cfg: Config) -> torch.device:
@@ -63,7 +63,26 @@ def _resume(loop_config: dict, model, optimizer, ema, world: int) -> TrainState:
     return TrainState(world_size=world)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+class SampleLog:
+    """Every step's sample ids, one JSON line per (step, rank) in <run dir>/samples_consumed/rank<r>.jsonl; with
+    `attempt` (the step this worker group started at) a reader can tell redone steps from the ones that count."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, attempt: int):
+        directory = run_dir / "samples_consumed"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = open(directory / f"rank{rank}.jsonl", "a")
+        self.rank, self.world, self.attempt = rank, world, attempt
+
+    def write(self, step: int, epoch: int, sample_ids: torch.Tensor) -> None:
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "rank": self.rank, "world": self.world,
+                                    "attempt": self.attempt, "ids": sample_ids.tolist()}) + "\n")
+        self.file.flush()
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Train to cfg.train.steps. Returns (rank 0's is the run's result) {"status": finished | stopped | nonfinite
+    | bad_checkpoint, "step", "message"}: the ends that a retry cannot fix return instead of raising, so Ray does
+    not restart the group for them."""
     import ray
     import ray.train
 
@@ -73,42 +92,69 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = _device(cfg)
     if device.type == "cpu":
         _use_all_local_cores(ctx.get_local_world_size())
+    run_dir = Path(loop_config["run_dir"])
+    faults = Faults.parse(loop_config.get("faults", ""))
     path = get_path(cfg.transition.path)
     feed = TrainingFeed(cfg, ray.get(loop_config["data"]), rank, world, device)
     model, optimizer, ema = build_worker_model(cfg, feed.channels, feed.text_dim, device, world)
-    state = _resume(loop_config, model, optimizer, ema, world)
-    log = RunLog(cfg, Path(loop_config["run_dir"]), rank, world, tracker_ids=loop_config["mlflow"])
+    try:
+        state = _resume(loop_config, model, optimizer, ema, world)
+    except CheckpointError as exc:
+        return {"status": "bad_checkpoint", "step": 0, "message": str(exc)}
+    log = RunLog(cfg, run_dir, rank, world, tracker_ids=loop_config["mlflow"])
     log.start(state, model)
+    samples_log = SampleLog(run_dir, rank, world, state.step) if cfg.train.sample_log else None
+    stops = StopChecks(cfg.checkpoint.stop_check_every, loop_config.get("stop_flag"), rank, device)
     global_batch = None if cfg.data.aspect_buckets else Derived.of(cfg, world_size=world).global_batch
     batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch)
     nonfinite_in_a_row = 0
     while state.step < cfg.train.steps:
+        faults.before_step(state.step, rank, run_dir)
         waited = time.perf_counter()
         batch, samples, position = next(batches)
         started = time.perf_counter()
-        result = train_step(model, optimizer, batch, cfg, path, step_generator(cfg.train.seed, state.step, rank),
+        if samples_log:
+            samples_log.write(state.step, state.epoch, batch["sample_id"])
+        result = train_step(model, optimizer, faults.batch(batch, state.step), cfg, path,
+                            step_generator(cfg.train.seed, state.step, rank),
                             autocast_dtype=autocast_dtype(cfg.train.precision, device))
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         if nonfinite_in_a_row > cfg.train.max_nonfinite_steps:
-            raise NonFiniteTraining(f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient "
-                                    f"(last at step {state.step}); the last good checkpoint is kept")
+            log.finish(state, feed.report(), outcome="stopped on non-finite steps")
+            return {"status": "nonfinite", "step": state.step,
+                    "message": f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (the "
+                               f"last at step {state.step}); stopped with the last good checkpoint kept. Lower "
+                               f"optim.lr or check the data, then resume"}
         if not result.skipped and ema is not None:
             ema.update(model)
         state.step, state.samples_seen = state.step + 1, state.samples_seen + samples
         state.epoch, state.epoch_samples = position.epoch, position.epoch_samples
         log.step(state, result, data_wait=started - waited, compute=time.perf_counter() - started)
-        _periodic(cfg, state, model, optimizer, ema, log, feed, path, loop_config)
+        saved = _periodic(cfg, state, model, optimizer, ema, log, feed, path, loop_config)
+        save_now, stop_reason = stops.check(state.step)
+        if save_now and not saved:
+            _checkpoint(state, model, optimizer, ema, log, loop_config, rank)
+        if stop_reason:
+            log.finish(state, feed.report(), outcome=f"stopped ({stop_reason})")
+            return {"status": "stopped", "step": state.step, "message": stop_reason}
     log.finish(state, feed.report())
+    return {"status": "finished", "step": state.step, "message": ""}
 
 
-def _periodic(cfg: Config, state: TrainState, model, optimizer, ema, log, feed, path, loop_config) -> None:
-    """Sample grids every eval_every steps and checkpoints every checkpoint.every steps, and both at the end."""
+def _checkpoint(state: TrainState, model, optimizer, ema, log, loop_config: dict, rank: int) -> None:
+    state.mlflow_run_id = loop_config["mlflow"][1]
+    report_with_checkpoint(log.latest_metrics(), model, optimizer, ema, state, loop_config["config"], rank)
+
+
+def _periodic(cfg: Config, state: TrainState, model, optimizer, ema, log, feed, path, loop_config) -> bool:
+    """Sample grids every eval_every steps and checkpoints every checkpoint.every steps, and both at the end.
+    Returns whether it saved a checkpoint."""
     last = state.step == cfg.train.steps
     if state.step % cfg.train.eval_every == 0 or last:
         log.sample_grid(state, model, ema, feed, path)
     if state.step % cfg.checkpoint.every == 0 or last:
         import ray.train
 
-        state.mlflow_run_id = loop_config["mlflow"][1]
-        report_with_checkpoint(log.latest_metrics(), model, optimizer, ema, state, loop_config["config"],
-                               ray.train.get_context().get_world_rank())
+        _checkpoint(state, model, optimizer, ema, log, loop_config, ray.train.get_context().get_world_rank())
+        return True
+    return False

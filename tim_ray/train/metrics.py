@@ -76,9 +76,9 @@ class RunLog:
     def _flush(self, state) -> None:
         names = sorted(self._sums)
         values = torch.tensor([self._sums[n] / self._count for n in names] + [self._skipped], dtype=torch.float64)
-        if dist.is_initialized():
+        if dist.is_initialized():  # every rank skips the same steps, so the mean of the skip count is the count
             dist.all_reduce(values)
-            values[:-1] /= self.world
+            values /= self.world
         elapsed = time.perf_counter() - self._window_start
         metrics = dict(zip(names, values[:-1].tolist()))
         metrics.update(lr=self.lr, skipped_steps=values[-1].item(), images_per_s=self._count * self.global_batch /
@@ -114,12 +114,12 @@ class RunLog:
         self._say(f"samples at NFE {nfe_list} ({'EMA' if ema else 'raw'} weights): {out}")
         self._event("samples", step=state.step, path=str(out), nfe=nfe_list)
 
-    def finish(self, state, data_report: dict | None = None) -> None:
+    def finish(self, state, data_report: dict | None = None, outcome: str = "finished") -> None:
         if data_report:
             self._say(f"data: {json.dumps(data_report)}")
             self._event("data", **data_report)
             self.tracker.log_metrics({f"data.{k}": v for k, v in data_report.items()
                                       if isinstance(v, (int, float))}, step=state.step)
-        self._say(f"finished {state.step} steps")
-        self._event("finish", step=state.step)
+        self._say(f"{outcome} at step {state.step}")
+        self._event("finish", step=state.step, outcome=outcome)
         self.tracker.log_file(self.run_dir / "events.jsonl")

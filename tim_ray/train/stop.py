@@ -1,0 +1,77 @@
+"""Stopping without losing work: a stop request from the driver, and a Ray drain of a worker's node.
+
+- SIGTERM or SIGINT to `tim-ray train` (Ctrl-C, `kill`, `ray job stop`) sets a flag in a small Ray actor; the
+  workers see it at their next check, save a checkpoint together and return, and the driver exits cleanly. A
+  second signal aborts at once.
+- A Ray drain of a node that hosts a worker (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
+  --deadline-remaining-seconds N`, what the KubeRay preStop hook runs on a spot reclaim) shows up in
+  `ray.train.get_preemption_info()`; the workers save a checkpoint at once and keep training until Ray restarts the
+  group on the remaining nodes, which then resumes from that checkpoint.
+
+Every check is a barrier across the workers (both the all-reduce and get_preemption_info), so all ranks check at
+the same steps: every `checkpoint.stop_check_every` steps.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+import ray
+import torch
+import torch.distributed as dist
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Why the driver asked the run to stop (the signal's name), or None."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def get(self) -> str | None:
+        return self.reason
+
+
+def on_stop_signals(flag) -> None:
+    """In the driver: the first SIGTERM/SIGINT asks the workers to checkpoint and stop; the second aborts."""
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        flag.set.remote(name)
+        print(f"tim-ray train: {name}: saving a checkpoint at the next stop check, then stopping "
+              f"(send it again to abort without one)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class StopChecks:
+    """In every worker: every `every` steps, whether to save a checkpoint now and whether to stop after it."""
+
+    def __init__(self, every: int, flag, rank: int, device: torch.device):
+        self.every, self.flag, self.rank, self.device = every, flag, rank, device
+        self.saved_for_drain = False
+
+    def check(self, step: int) -> tuple[bool, str | None]:
+        """(save a checkpoint now, the reason to stop or None)."""
+        if step % self.every:
+            return False, None
+        import ray.train
+
+        requested = self.flag is not None and self.rank == 0 and ray.get(self.flag.get.remote()) is not None
+        stop = torch.tensor([float(requested)], device=self.device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
+            return True, "stop requested"
+        draining = ray.train.get_preemption_info()
+        if draining is not None and not self.saved_for_drain:
+            self.saved_for_drain = True
+            print(f"[tim-ray] node drain announced (deadline {draining.deadline_ms} ms): checkpointing at step "
+                  f"{step}", file=sys.__stdout__, flush=True)
+            return True, None
+        return False, None
