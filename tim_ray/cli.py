@@ -75,6 +75,15 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tim_ray.train.export import export_checkpoint, read_export_info
+
+    out = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
+    step = read_export_info(out)["state"]["step"]
+    print(f"tim-ray export: wrote {out} ({'EMA' if args.ema else 'trained'} weights of step {step})")
+    return 0
+
+
 def _not_built(issue: str):
     def run(args) -> int:
         print(f"tim-ray {args.command}: not built yet ({issue})", file=sys.stderr)
@@ -104,12 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text, issue in [
         ("sample", "draw images from a checkpoint at any number of steps", "the sampling/eval issue"),
         ("eval", "score a checkpoint at several step counts", "the sampling/eval issue"),
-        ("tune", "sweep the (t, r) sampling distribution with Ray Tune", "the Ray Tune issue"),
-        ("export", "gather a distributed checkpoint into one safetensors file", "the checkpoint issue"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(run=_not_built(issue))
+    p = sub.add_parser("tune", help="sweep the (t, r) sampling distribution with Ray Tune")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_not_built("the Ray Tune issue"))
+    p = sub.add_parser("export", help="gather a distributed checkpoint into one safetensors file")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, config.toml, export.json)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("precompute", help="encode a dataset once into parquet shards (+ manifest.json)")
     _add_config_args(p)

@@ -1,0 +1,257 @@
+"""One-file exports of a checkpoint, and the one loader that sampling and evaluation use.
+
+`tim-ray export CKPT --out DIR` gathers the DCP shards of a checkpoint (any world size) into
+    DIR/model.safetensors   the trained weights, or the EMA weights with --ema
+    DIR/config.toml         the resolved training config (tim_ray.config.dump_toml)
+    DIR/export.json         which weights, the training state (step, data position) and the library versions
+
+`load_for_inference(path)` takes an export directory, a checkpoint directory, or a run directory (its newest
+checkpoint) and returns the model with its config. EMA weights are used by default when the source has them.
+
+Safety: exports are read with safetensors only. A DCP checkpoint keeps its index in a pickle (`dcp/.metadata`);
+before torch.distributed.checkpoint reads it, it is opened here with an unpickler that admits only the DCP
+metadata classes, so a crafted checkpoint cannot run code, and every entry we load must be a plain tensor.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import pickle
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tim_ray.config import Config, ConfigError, dump_toml, from_dict, load_config
+from tim_ray.models.registry import build_model
+from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, CheckpointError, TrainState, load_weights, read_state
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.toml"
+INFO_FILE = "export.json"
+METADATA_FILE = ".metadata"
+EMA, TRAINED = "ema", "model"  # the two weight sets of a checkpoint, named by their DCP prefix
+PATCH_WEIGHT = "x_embedder.proj.weight"  # (hidden, in_channels, p, p): tells the input channels
+CAPTION_NORM_WEIGHT = "y_embedder.norm.weight"  # (text_dim,): present only in text-conditional models
+
+
+class ExportError(ConfigError):
+    """A path that is not a usable checkpoint, export or run directory, or a weight set it does not hold."""
+
+
+@dataclass
+class InferenceModel:
+    """A model in eval mode with what was loaded: `weights` is "ema" or "model"; `source` the checkpoint or
+    export directory; `run_dir` the training run's directory when the source lies inside one."""
+
+    model: torch.nn.Module
+    config: Config
+    weights: str
+    state: TrainState
+    source: Path
+    kind: str  # "checkpoint" | "export"
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.source.parent if self.kind == "checkpoint" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding what a path points at
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / DCP_DIR).is_dir()
+
+
+def _is_export(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def locate(path: str | Path) -> tuple[str, Path]:
+    """("checkpoint" | "export", directory) for a checkpoint, an export, or a run directory (its newest
+    checkpoint_* with a state.json, i.e. one that was completely written)."""
+    text = str(path)
+    if "://" in text:
+        raise ExportError(f"'{text}' is remote storage; copy the checkpoint to a local directory first")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ExportError(f"'{text}' does not exist")
+    if _is_export(path):
+        return "export", path.resolve()
+    if _is_checkpoint(path):
+        return "checkpoint", path.resolve()
+    if path.is_dir():
+        done = sorted(p for p in path.glob("checkpoint_*") if _is_checkpoint(p))
+        if done:
+            return "checkpoint", done[-1].resolve()
+    raise ExportError(f"'{text}' is not a tim-ray checkpoint ({STATE_FILE} + {DCP_DIR}/), export ({WEIGHTS_FILE} + "
+                      f"{CONFIG_FILE}) or run directory (checkpoint_* inside)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a DCP index without running code
+
+
+@functools.lru_cache(maxsize=1)
+def _dcp_metadata_classes() -> dict[tuple[str, str], object]:
+    """Everything a DCP index may name: the metadata dataclasses, torch.Size, dtypes, layouts and paths."""
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    import torch.distributed.checkpoint.metadata as dcp_md
+    from torch.serialization import _get_layout
+
+    allowed = {("torch.distributed.checkpoint.metadata", name): obj for name, obj in vars(dcp_md).items()
+               if isinstance(obj, type) and obj.__module__ == dcp_md.__name__}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_fs._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = _get_layout  # maps a layout's name to torch.strided etc.
+    for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath):
+        allowed[("pathlib", cls.__name__)] = cls
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _dcp_metadata_classes()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return allowed[(module, name)]
+
+
+def stored_tensor_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{"model": {name: shape}, "ema": {name: shape}} of a DCP checkpoint's weight sets ("ema" empty when it has
+    none), read with an unpickler that admits only DCP's metadata classes. Raises ExportError if the index asks for
+    anything else or stores a non-tensor in a weight set (DCP would unpickle that one without restrictions)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = checkpoint / DCP_DIR / METADATA_FILE
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(index.read_bytes())).load()
+        entries = metadata.state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise ExportError(f"{index} is not a readable DCP index ({exc})") from None
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {TRAINED: {}, EMA: {}}
+    for key, entry in entries.items():
+        prefix, _, name = key.partition(".")
+        if prefix not in shapes:
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ExportError(f"{index}: '{key}' is not a tensor; refusing to load it")
+        shapes[prefix][name] = tuple(entry.size)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _model_for(cfg: Config, shapes: dict[str, tuple[int, ...]], where: Path, device) -> torch.nn.Module:
+    """The config's architecture with the input channels and text width that the stored tensors have (so no data
+    or text encoder has to be opened to find them)."""
+    if PATCH_WEIGHT not in shapes:
+        raise ExportError(f"{where} holds no '{PATCH_WEIGHT}'; it is not a TiM checkpoint")
+    in_channels = shapes[PATCH_WEIGHT][1]
+    text_dim = shapes[CAPTION_NORM_WEIGHT][0] if CAPTION_NORM_WEIGHT in shapes else None
+    if cfg.model.conditioning == "text" and text_dim is None:
+        raise ExportError(f"{where}: the config says text conditioning but no caption embedder is stored")
+    return build_model(cfg.model, in_channels=in_channels, text_dim=text_dim, device=device)
+
+
+def _pick(ema: bool | None, has_ema: bool, where: Path) -> str:
+    if ema and not has_ema:
+        raise ExportError(f"{where} holds no EMA weights (ema.enabled was false, or it was exported without "
+                          "--ema); use the trained weights")
+    return EMA if (has_ema if ema is None else ema) else TRAINED
+
+
+def _load_checkpoint(directory: Path, ema: bool | None, device) -> InferenceModel:
+    state, saved = read_state(str(directory))
+    cfg = from_dict(saved, source=f"{directory / STATE_FILE}")
+    shapes = stored_tensor_shapes(directory)
+    weights = _pick(ema, bool(shapes[EMA]), directory)
+    model = _model_for(cfg, shapes[weights], directory, "cpu")
+    try:
+        with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load_weights(str(directory), model, use_ema=weights == EMA)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    return InferenceModel(model.to(device).eval(), cfg, weights, state, directory, "checkpoint")
+
+
+def read_export_info(directory: Path) -> dict:
+    """The export.json of an export directory: weights, source, state, versions."""
+    try:
+        return json.loads((directory / INFO_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{directory / INFO_FILE} is missing or corrupt ({exc})") from None
+
+
+def _load_export(directory: Path, ema: bool | None, device) -> InferenceModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = read_export_info(directory)
+    cfg = load_config(directory / CONFIG_FILE)
+    held = info.get("weights")
+    wanted = _pick(ema, held == EMA, directory)
+    if wanted != held:
+        raise ExportError(f"{directory} holds the {held} weights only; export again "
+                          f"{'with' if wanted == EMA else 'without'} --ema")
+    try:
+        tensors = load_file(directory / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from None
+    model = _model_for(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, directory, "cpu")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{directory / WEIGHTS_FILE} does not fit its config.toml: "
+                          f"{str(exc).splitlines()[0]}") from None
+    try:
+        state = TrainState(**info.get("state", {}))
+    except TypeError as exc:
+        raise ExportError(f"{directory / INFO_FILE} has an unexpected state ({exc})") from None
+    return InferenceModel(model.to(device).eval(), cfg, wanted, state, directory, "export")
+
+
+def load_for_inference(path: str | Path, ema: bool | None = None, device="cpu") -> InferenceModel:
+    """The model of a checkpoint, export or run directory in eval mode on `device`, with its config.
+    ema: None = the EMA weights when the source has them, else the trained ones; True/False insists."""
+    kind, directory = locate(path)
+    loader = _load_export if kind == "export" else _load_checkpoint
+    return loader(directory, ema, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exporting
+
+
+def export_checkpoint(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write `out`/{model.safetensors, config.toml, export.json} from a checkpoint or run directory: the trained
+    weights, or the EMA weights when `ema`. Refuses to overwrite an existing export."""
+    from safetensors.torch import save_file
+
+    kind, directory = locate(path)
+    if kind == "export":
+        raise ExportError(f"'{path}' is already an export")
+    out = Path(out).expanduser()
+    if (out / WEIGHTS_FILE).exists():
+        raise ExportError(f"'{out}' already holds an export; choose another --out")
+    loaded = _load_checkpoint(directory, ema, "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous() for name, t in loaded.model.state_dict().items()}
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "weights": loaded.weights})
+    (out / CONFIG_FILE).write_text(dump_toml(loaded.config))
+    saved = json.loads((directory / STATE_FILE).read_text())
+    info = {"weights": loaded.weights, "source": str(directory), "state": asdict(loaded.state),
+            "versions": saved.get("versions", {})}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return out
