@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 STATE_FILE = "state.json"
@@ -78,6 +79,19 @@ def read_state(directory: str) -> tuple[TrainState, dict]:
         raise CheckpointError(f"{path} is corrupt ({exc}); resume from an earlier checkpoint") from None
 
 
+# CheckpointException (a BaseException) is how DCP reports a failure on any rank: damaged or missing shard files.
+LOAD_ERRORS = (CheckpointException, RuntimeError, ValueError, OSError)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the first failing rank's own error inside a CheckpointException, else the error itself."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    lines = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}{': ' + lines[0] if lines else ''}"
+    return f"{detail} (its files are damaged or incomplete; start from an earlier one with --resume PATH)"
+
+
 def load_checkpoint(directory: str, model, optimizer, ema) -> TrainState:
     """Load model, optimizer and EMA (resharding to the current world size) and return where training stands."""
     state, _ = read_state(directory)
@@ -87,8 +101,8 @@ def load_checkpoint(directory: str, model, optimizer, ema) -> TrainState:
         payload["ema"] = ema.state_dict()
     try:
         dcp.load(payload, checkpoint_id=os.path.join(directory, DCP_DIR))
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot load {directory}: {str(exc).splitlines()[0]}") from exc
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"cannot load {directory}: {_reason(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
     if ema is not None:
         ema.load_state_dict(payload["ema"])
@@ -103,8 +117,8 @@ def load_weights(directory: str, model, use_ema: bool = False) -> TrainState:
     weights = {name: p.detach().clone() for name, p in model.named_parameters()} if use_ema else model.state_dict()
     try:
         dcp.load({key: weights}, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot load the {key} weights of {directory}: {str(exc).splitlines()[0]}") from exc
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"cannot load the {key} weights of {directory}: {_reason(exc)}") from None
     model.load_state_dict(weights, strict=not use_ema)
     return state
 

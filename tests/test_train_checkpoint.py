@@ -1,0 +1,75 @@
+"""Checkpoint selection and damage, without Ray: which checkpoint a resume picks, and the errors for broken ones."""
+import json
+
+import pytest
+import torch
+
+from tim_ray.config import load_config
+from tim_ray.models.registry import build_model
+from tim_ray.train.checkpoint import CheckpointError, TrainState, load_weights, read_state, save_checkpoint
+from tim_ray.train.faults import Faults, FaultSpecError
+from tim_ray.train.launch import RAY_SNAPSHOT, ResumeError, latest_checkpoint, resolve_resume
+
+
+def tiny(tmp_path):
+    return load_config(None, ["model.arch=tim-tiny", "model.conditioning=class", f"train.output_dir={tmp_path}",
+                              "train.name=run"])
+
+
+def write_checkpoint(directory, cfg, step: int) -> torch.nn.Module:
+    model = build_model(cfg.model, in_channels=1, text_dim=None)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(str(directory), model, optimizer, None, TrainState(step=step), {}, rank=0)
+    return model
+
+
+def register(run, *names):
+    """What Ray's checkpoint manager writes once every rank's files of a checkpoint are persisted."""
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}))
+
+
+def test_a_half_written_checkpoint_is_never_picked(tmp_path):
+    cfg = tiny(tmp_path)
+    run = tmp_path / "run"
+    write_checkpoint(run / "checkpoint_00000004", cfg, 4)
+    # A crash while step 8 was being persisted: its directory exists, with state.json, but Ray never registered it.
+    write_checkpoint(run / "checkpoint_00000008", cfg, 8)
+    (run / "checkpoint_00000008" / "dcp" / ".metadata").unlink()
+    register(run, "checkpoint_00000004")
+    assert latest_checkpoint(cfg) == str(run / "checkpoint_00000004")
+    assert resolve_resume(cfg, "auto") is None  # Ray restores its registered latest itself
+    with pytest.raises(ResumeError, match="already has checkpoints"):
+        resolve_resume(cfg, "never")
+
+
+def test_a_damaged_snapshot_or_checkpoint_gives_one_clear_error(tmp_path):
+    cfg = tiny(tmp_path)
+    run = tmp_path / "run"
+    model = write_checkpoint(run / "checkpoint_00000004", cfg, 4)
+    (run / RAY_SNAPSHOT).write_text("{not json")
+    with pytest.raises(ResumeError, match="corrupt"):
+        latest_checkpoint(cfg)
+
+    checkpoint = run / "checkpoint_00000004"
+    assert load_weights(str(checkpoint), build_model(cfg.model, in_channels=1, text_dim=None)).step == 4
+    (checkpoint / "state.json").write_text('{"state": {"step": ')
+    with pytest.raises(CheckpointError, match="state.json is corrupt"):
+        read_state(str(checkpoint))
+    with pytest.raises(ResumeError, match="corrupt"):
+        resolve_resume(cfg, str(checkpoint))
+
+    (checkpoint / "state.json").write_text(json.dumps({"state": {"step": 4}, "config": {}}))
+    shard = checkpoint / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="cannot load the model weights of"):
+        load_weights(str(checkpoint), model)
+
+
+def test_fault_specs_parse_and_bad_ones_name_the_entry():
+    faults = Faults.parse("crash@7:1, nan@5-9,nan@2")
+    assert faults.crashes == ((7, 1),) and faults.nan_steps == ((5, 9), (2, 2))
+    batch = {"image": torch.zeros(2, 1, 4, 4), "label": torch.zeros(2)}
+    assert torch.isnan(faults.batch(batch, 7)["image"]).all() and faults.batch(batch, 4) is batch
+    assert not Faults.parse("")
+    with pytest.raises(FaultSpecError, match="'boom@3'"):
+        Faults.parse("crash@1,boom@3")
