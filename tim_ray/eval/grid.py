@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tim_ray.config import SampleConfig
+from tim_ray.eval.generate import sample_images
 from tim_ray.transition.paths import TransitionPath
-from tim_ray.transition.sampler import sample_from_config
 
 
 @torch.no_grad()
@@ -16,16 +16,9 @@ def sample_rows(model, cond: dict, uncond: dict | None, shape: tuple[int, ...], 
                 path: TransitionPath, config: SampleConfig, seed: int, decode=None) -> torch.Tensor:
     """Images (len(nfe_list), B, C, H, W) in [-1, 1] for the B conditions in `cond`, starting every row from the
     same noise (drawn from `seed`). `decode` maps latents to images (identity for pixel space)."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(shape, generator=generator)
-    device = next(model.parameters()).device
-    rows = []
-    for nfe in nfe_list:
-        out = sample_from_config(model, noise.to(device), cond, uncond, path=path, config=config, steps=nfe,
-                                 generator=torch.Generator().manual_seed(seed + nfe))
-        images = out.x.float()
-        rows.append((decode(images) if decode else images).clamp(-1, 1).cpu())
-    return torch.stack(rows)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.stack([sample_images(model, cond, uncond, noise, nfe, path, config, seed, decode)
+                        for nfe in nfe_list])
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
