@@ -15,10 +15,11 @@ from tim_ray.config import Config, to_dict
 
 log = logging.getLogger("tim_ray")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+SQLITE_FILE = "mlflow.db"  # the default store's file in a run directory
 
 
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
-    return cfg.tracking.uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return cfg.tracking.uri or f"sqlite:///{Path(run_dir).resolve() / SQLITE_FILE}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
