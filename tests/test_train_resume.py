@@ -96,7 +96,7 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, tmp_path, monkeypa
     assert_same_training(cfg, reference)
 
 
-def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path):
+def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys):
     assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS // 2}")) == 0
     cfg = tiny(tmp_path, "relaunched")
     assert read_state(latest_checkpoint(cfg))[0].step == STEPS // 2
@@ -107,7 +107,9 @@ def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path):
     latest = Path(latest_checkpoint(cfg))
     shard = latest / "dcp" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
     assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 2}")) == 1
+    assert f"stopped at step 0: cannot load {latest}" in capsys.readouterr().err
 
 
 def test_nan_steps_are_skipped_and_persistent_nan_stops_at_the_last_good_checkpoint(local_ray, tmp_path,

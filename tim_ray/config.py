@@ -140,6 +140,8 @@ class RayConfig:
     address: str = ""  # empty = start a local Ray; "auto" or ray://... = join that cluster
     num_workers: int = 1
     min_workers: int = 0  # > 0 makes the run elastic: ScalingConfig(num_workers=(min_workers, num_workers))
+    # Elastic runs: seconds between checks for returned capacity (each resize restarts from the latest checkpoint)
+    elastic_resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     local_num_cpus: int = 8  # logical CPUs of a local Ray (oversubscribed: Train + Data deadlock on 2 cores)
@@ -171,6 +173,10 @@ class EvalConfig:
     num_samples: int = 64
     metrics: list[str] = field(default_factory=lambda: ["fid"])
     prompts: list[str] = field(default_factory=list)  # for sample grids; empty = one per class of the source
+    # A score computed during training every train.eval_every steps on the EMA weights, averaged over eval.nfe
+    # (eval.num_samples images per NFE) and reported to Ray Train as `objective`: what `tim-ray tune` optimises.
+    # "" = none; shapes (data.source = shapes) | class_agreement (fashion-mnist). Higher is better for both.
+    objective: str = ""
 
 
 @dataclass
@@ -319,6 +325,7 @@ _CHOICES = {
     "sample.mode": ("transition", "diffusion"),
     "data.source": ("fashion-mnist", "shapes", "parquet", "webdataset", "folder"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "eval.objective": ("", "shapes", "class_agreement"),
 }
 
 
@@ -361,12 +368,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.ray.elastic_resize_check_s <= 0:
+        raise ConfigError(f"ray.elastic_resize_check_s must be > 0, got {cfg.ray.elastic_resize_check_s}")
     if not 0 <= cfg.ray.min_workers <= cfg.ray.num_workers:
         raise ConfigError(f"ray.min_workers must be in [0, ray.num_workers={cfg.ray.num_workers}], "
                           f"got {cfg.ray.min_workers}")
     if any(n <= 0 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe must be positive step counts, got {cfg.eval.nfe}")
+    _validate_objective(cfg)
     _validate_data(cfg)
+
+
+def _validate_objective(cfg: Config) -> None:
+    """The objective scores images against what the data's captions or classes say, so it must fit the data."""
+    objective, source = cfg.eval.objective, cfg.data.source
+    if not objective:
+        return
+    if objective == "shapes" and (source != "shapes" or cfg.model.conditioning != "text"):
+        raise ConfigError(f"eval.objective = 'shapes' scores captions of the shapes set: it needs data.source = "
+                          f"'shapes' and model.conditioning = 'text', got '{source}' and "
+                          f"'{cfg.model.conditioning}'")
+    if objective == "class_agreement" and source != "fashion-mnist":
+        raise ConfigError(f"eval.objective = 'class_agreement' judges Fashion-MNIST classes: it needs "
+                          f"data.source = 'fashion-mnist', got '{source}'")
+    if not cfg.eval.nfe or cfg.eval.num_samples <= 0:
+        raise ConfigError(f"eval.objective needs eval.nfe and eval.num_samples > 0, got {cfg.eval.nfe} and "
+                          f"{cfg.eval.num_samples}")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.train.checkpoint import CheckpointError, read_state
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
-from tim_ray.train.stop import StopFlag, on_stop_signals
+from tim_ray.train.stop import new_stop_flag, on_stop_signals
 
 RUN_ID_FILE = "mlflow_run_id"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -71,7 +71,8 @@ def scaling_config(cfg: Config):
     workers = (cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers else cfg.ray.num_workers
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
                                    resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
-                                                         **({"GPU": 1} if cfg.ray.use_gpu else {})})
+                                                         **({"GPU": 1} if cfg.ray.use_gpu else {})},
+                                   elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_check_s)
 
 
 def start_ray(cfg: Config, address: str | None) -> str:
@@ -124,7 +125,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"{f' (run {tracker.run_id})' if tracker.enabled else ''}"
           f"\n  global batch {derived.global_batch}, lr {derived.lr:g}, {cfg.train.steps} steps"
           f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
-    stop_flag = StopFlag.remote()
+    stop_flag = new_stop_flag()
     on_stop_signals(stop_flag)
     trainer = TorchTrainer(
         train_loop_per_worker,

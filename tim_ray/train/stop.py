@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 import ray
 import torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 @ray.remote(num_cpus=0)
 class StopFlag:
-    """Why the driver asked the run to stop (the signal's name), or None."""
+    """Why the driver asked the run to stop (the signal's name), or None. Create it with `new_stop_flag`."""
 
     def __init__(self):
         self.reason: str | None = None
@@ -35,8 +36,19 @@ class StopFlag:
         return self.reason
 
 
+def new_stop_flag():
+    """A StopFlag on the driver's own node: placed anywhere, it could sit on a spot node and die with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return StopFlag.options(scheduling_strategy=here).remote()
+
+
 def on_stop_signals(flag) -> None:
-    """In the driver: the first SIGTERM/SIGINT asks the workers to checkpoint and stop; the second aborts."""
+    """In the driver: the first SIGTERM/SIGINT asks the workers to checkpoint and stop; the second aborts.
+    Python takes signals only in the main thread; a launch from another thread (a notebook, a test) has none."""
+    if threading.current_thread() is not threading.main_thread():
+        return
 
     def handler(signum, frame):
         name = signal.Signals(signum).name
@@ -57,13 +69,25 @@ class StopChecks:
         self.every, self.flag, self.rank, self.device = every, flag, rank, device
         self.saved_for_drain = False
 
+    def _requested(self) -> bool:
+        if self.flag is None:
+            return False
+        try:
+            return ray.get(self.flag.get.remote(), timeout=30) is not None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # The driver is gone (its node with it); nobody is left to ask for a stop, so training goes on.
+            print("[tim-ray] the driver's stop flag is unreachable; stop requests are off", file=sys.__stdout__,
+                  flush=True)
+            self.flag = None
+            return False
+
     def check(self, step: int) -> tuple[bool, str | None]:
         """(save a checkpoint now, the reason to stop or None)."""
         if step % self.every:
             return False, None
         import ray.train
 
-        requested = self.flag is not None and self.rank == 0 and ray.get(self.flag.get.remote()) is not None
+        requested = self.rank == 0 and self._requested()
         stop = torch.tensor([float(requested)], device=self.device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
