@@ -15,8 +15,8 @@ from tim_ray.config import Config
 from tim_ray.data.batches import TrainingData, image_channels, rank_batches
 from tim_ray.data.geometry import PIXEL_CODEC
 from tim_ray.data.order import epoch_batches
+from tim_ray.eval.conditions import fashion_mnist_prompts, label_conditions, prompt_conditions
 
-FASHION_MNIST_PROMPT = "a photo of {}"
 GRID_COLUMNS_FROM_DATA = 8
 
 
@@ -75,9 +75,9 @@ class TrainingFeed:
         if self.cfg.eval.prompts:
             return list(self.cfg.eval.prompts)
         if self.cfg.data.source == "fashion-mnist":
-            from tim_ray.data.sources.fashion_mnist import CLASS_NOUNS, with_article
+            from tim_ray.data.sources.fashion_mnist import CLASS_NOUNS
 
-            return [FASHION_MNIST_PROMPT.format(with_article(noun)) for noun in CLASS_NOUNS]
+            return fashion_mnist_prompts(range(len(CLASS_NOUNS)))
         seen: list[str] = []
         for captions in self.data.table["captions"].to_pylist():
             if captions and captions[0] not in seen:
@@ -90,12 +90,9 @@ class TrainingFeed:
         """(cond, uncond, column names) for a sample grid: prompts for text models, every class for class models."""
         if self.text is None:
             n = self.cfg.model.num_classes
-            labels = torch.arange(n, device=self.device)
-            return {"y": labels}, {"y": torch.full_like(labels, n)}, [f"class {i}" for i in range(n)]
+            return (*label_conditions(range(n), n, self.device), [f"class {i}" for i in range(n)])
         prompts = self.grid_prompts()
-        features, mask = self.text.encode(prompts)
-        empty, empty_mask = self.text.encode([""] * len(prompts))
-        return ({"context": features, "context_mask": mask}, {"context": empty, "context_mask": empty_mask}, prompts)
+        return (*prompt_conditions(self.text, prompts), prompts)
 
     def report(self) -> dict:
         counts = self.data.reject_counts()
