@@ -94,6 +94,11 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, tmp_path, monkeypa
                 for line in (tmp_path / "killed" / "samples_consumed" / "rank1.jsonl").read_text().splitlines()}
     assert attempts == {0, 4}, "the group did not restart from the step-4 checkpoint"
     assert_same_training(cfg, reference)
+    events = [json.loads(line) for line in (tmp_path / "killed" / "events.jsonl").read_text().splitlines()]
+    restart = [e for e in events if e["event"] == "start"][1]
+    before = max(e["time"] for e in events if e["time"] < restart["time"])
+    print(f"\nkilled rank 1 at step 7: restarted from step {restart['step']} (3 steps redone), "
+          f"{restart['time'] - before:.1f} s from the last event before the crash to the restart")
 
 
 def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys):

@@ -11,19 +11,24 @@ previous checkpoint in use.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import io
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"
+INDEX_FILE = ".metadata"  # DCP's index of the shards, a pickle
 
 
 @dataclass
@@ -79,6 +84,68 @@ def read_state(directory: str) -> tuple[TrainState, dict]:
         raise CheckpointError(f"{path} is corrupt ({exc}); resume from an earlier checkpoint") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _dcp_metadata_classes() -> dict[tuple[str, str], object]:
+    """Everything a DCP index may name: the metadata dataclasses, torch.Size, dtypes, layouts and paths."""
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    import torch.distributed.checkpoint.metadata as dcp_md
+    from torch.serialization import _get_layout
+
+    allowed = {("torch.distributed.checkpoint.metadata", name): obj for name, obj in vars(dcp_md).items()
+               if isinstance(obj, type) and obj.__module__ == dcp_md.__name__}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_fs._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = _get_layout  # maps a layout's name to torch.strided etc.
+    for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath):
+        allowed[("pathlib", cls.__name__)] = cls
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _dcp_metadata_classes()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return allowed[(module, name)]
+
+
+def read_index(directory: str):
+    """The DCP index of a checkpoint, unpickled admitting only DCP's metadata classes: torch.distributed.checkpoint
+    itself would run whatever a crafted index names. Raises CheckpointError."""
+    index = os.path.join(directory, DCP_DIR, INDEX_FILE)
+    try:
+        with open(index, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        metadata.state_dict_metadata  # an index without it is not DCP's: AttributeError below
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{index} is not a readable DCP index ({exc})") from None
+    return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that non-tensor entries (the optimizer's param_groups) are read with
+    torch.load(weights_only=True) instead of a full unpickle."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # DCP's own helper for this
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _safe_load(payload: dict, directory: str, **kwargs) -> None:
+    read_index(directory)
+    dcp.load(payload, checkpoint_id=os.path.join(directory, DCP_DIR), planner=SafeLoadPlanner(), **kwargs)
+
+
 # CheckpointException (a BaseException) is how DCP reports a failure on any rank: damaged or missing shard files.
 LOAD_ERRORS = (CheckpointException, RuntimeError, ValueError, OSError)
 
@@ -100,7 +167,7 @@ def load_checkpoint(directory: str, model, optimizer, ema) -> TrainState:
     if ema is not None:
         payload["ema"] = ema.state_dict()
     try:
-        dcp.load(payload, checkpoint_id=os.path.join(directory, DCP_DIR))
+        _safe_load(payload, directory)
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"cannot load {directory}: {_reason(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
@@ -116,7 +183,7 @@ def load_weights(directory: str, model, use_ema: bool = False) -> TrainState:
     key = "ema" if use_ema else "model"
     weights = {name: p.detach().clone() for name, p in model.named_parameters()} if use_ema else model.state_dict()
     try:
-        dcp.load({key: weights}, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
+        _safe_load({key: weights}, directory, no_dist=True)
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"cannot load the {key} weights of {directory}: {_reason(exc)}") from None
     model.load_state_dict(weights, strict=not use_ema)

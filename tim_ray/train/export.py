@@ -9,15 +9,13 @@
 checkpoint) and returns the model with its config. EMA weights are used by default when the source has them.
 
 Safety: exports are read with safetensors only. A DCP checkpoint keeps its index in a pickle (`dcp/.metadata`);
-before torch.distributed.checkpoint reads it, it is opened here with an unpickler that admits only the DCP
-metadata classes, so a crafted checkpoint cannot run code, and every entry we load must be a plain tensor.
+before torch.distributed.checkpoint reads it, it is opened (tim_ray.train.checkpoint.read_index) with an unpickler
+that admits only the DCP metadata classes, so a crafted checkpoint cannot run code, and every entry we load must
+be a plain tensor.
 """
 from __future__ import annotations
 
-import functools
-import io
 import json
-import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +24,12 @@ import torch
 
 from tim_ray.config import Config, ConfigError, dump_toml, from_dict, load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, CheckpointError, TrainState, load_weights, read_state
+from tim_ray.train.checkpoint import (DCP_DIR, INDEX_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
+                                      read_index, read_state)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.toml"
 INFO_FILE = "export.json"
-METADATA_FILE = ".metadata"
 EMA, TRAINED = "ema", "model"  # the two weight sets of a checkpoint, named by their DCP prefix
 PATCH_WEIGHT = "x_embedder.proj.weight"  # (hidden, in_channels, p, p): tells the input channels
 CAPTION_NORM_WEIGHT = "y_embedder.norm.weight"  # (text_dim,): present only in text-conditional models
@@ -92,51 +90,17 @@ def locate(path: str | Path) -> tuple[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading a DCP index without running code
-
-
-@functools.lru_cache(maxsize=1)
-def _dcp_metadata_classes() -> dict[tuple[str, str], object]:
-    """Everything a DCP index may name: the metadata dataclasses, torch.Size, dtypes, layouts and paths."""
-    import pathlib
-
-    import torch.distributed.checkpoint.filesystem as dcp_fs
-    import torch.distributed.checkpoint.metadata as dcp_md
-    from torch.serialization import _get_layout
-
-    allowed = {("torch.distributed.checkpoint.metadata", name): obj for name, obj in vars(dcp_md).items()
-               if isinstance(obj, type) and obj.__module__ == dcp_md.__name__}
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_fs._StorageInfo
-    allowed[("torch", "Size")] = torch.Size
-    allowed[("torch.serialization", "_get_layout")] = _get_layout  # maps a layout's name to torch.strided etc.
-    for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath):
-        allowed[("pathlib", cls.__name__)] = cls
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
-    return allowed
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = _dcp_metadata_classes()
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}")
-        return allowed[(module, name)]
-
-
 def stored_tensor_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """{"model": {name: shape}, "ema": {name: shape}} of a DCP checkpoint's weight sets ("ema" empty when it has
     none), read with an unpickler that admits only DCP's metadata classes. Raises ExportError if the index asks for
     anything else or stores a non-tensor in a weight set (DCP would unpickle that one without restrictions)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    index = checkpoint / DCP_DIR / METADATA_FILE
+    index = checkpoint / DCP_DIR / INDEX_FILE
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(index.read_bytes())).load()
-        entries = metadata.state_dict_metadata
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise ExportError(f"{index} is not a readable DCP index ({exc})") from None
+        entries = read_index(str(checkpoint)).state_dict_metadata
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     shapes: dict[str, dict[str, tuple[int, ...]]] = {TRAINED: {}, EMA: {}}
     for key, entry in entries.items():
         prefix, _, name = key.partition(".")
