@@ -158,6 +158,27 @@ def parse_entrypoint(argv: list[str]):
     return args, getattr(args, "config", None), getattr(args, "overrides", [])
 
 
+def check_space(space: Path, config: Path, overrides: list[str]) -> None:
+    """A sweep's search space against its base config: with tim-ray's own loader where it exists; before that, the
+    same rule by hand ([section.key] tables of choices = [...], uniform or loguniform = [lo, hi], each value a valid
+    override)."""
+    base = load_config(config, overrides)
+    try:
+        from tim_ray.tune.space import load_space
+    except ImportError:
+        load_space = None
+    if load_space is not None:
+        assert load_space(space, base).keys
+        return
+    tree = tomllib.loads(space.read_text())
+    for section, keys in tree.items():
+        for key, spec in keys.items():
+            ((kind, values),) = spec.items()
+            assert kind in ("choices", "uniform", "loguniform") and values, f"{space}: {section}.{key} = {spec}"
+            for value in values:
+                load_config(config, overrides + [f"{section}.{key}={json.dumps(value)}"])
+
+
 def option(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
@@ -272,13 +293,8 @@ def test_entrypoint_is_a_tim_ray_command_with_a_valid_config(name):
     assert local_path(config).is_file(), f"{name}: {config} is not in this repository"
     cfg = load_config(local_path(config), overrides)
     space = option(argv, "--space")
-    if space:  # every candidate of the sweep is a valid override of this config
-        tree = tomllib.loads(local_path(space).read_text())
-        for section, keys in tree.items():
-            for key, values in keys.items():
-                assert isinstance(values, list) and values, f"{space}: {section}.{key} lists no candidates"
-                for value in values:
-                    load_config(local_path(config), overrides + [f"{section}.{key}={json.dumps(value)}"])
+    if space:
+        check_space(local_path(space), local_path(config), overrides)
     if cfg.data.source != "fashion-mnist":  # cluster recipes keep their runs where every pod sees them
         assert cfg.train.output_dir.startswith(SHARED_MOUNT + "/"), f"{name}: train.output_dir off the volume"
 
@@ -351,10 +367,16 @@ def test_precompute_and_sweep_fit_in_the_gpu_groups():
     max_gpus = sum(g["maxReplicas"] * pod_resources(g)[1] for g in gpu_groups(spec))
     precompute = entry_config(entrypoints()["jobs/precompute.sh"])
     assert 0 < precompute.data.encode_actors * precompute.data.encode_gpus <= max_gpus
+    max_cpus = sum(g["maxReplicas"] * pod_resources(g)[0] for g in gpu_groups(spec))
     sweep = entrypoints()["jobs/sweep.sh"]
     trial = entry_config(sweep)
     concurrent = int(option(sweep, "--max-concurrent"))
-    assert concurrent * trial.ray.num_workers <= max_gpus, "concurrent trials need more GPUs than the cluster has"
+    assert trial.ray.use_gpu and concurrent * trial.ray.num_workers <= max_gpus, \
+        "concurrent trials need more GPUs than the cluster has"
+    # Each trial: its workers' CPUs, Tune's trial driver (1 CPU), Ray Data's encoders and a ListFiles task.
+    per_trial = (trial.ray.num_workers * trial.ray.cpus_per_worker + 1
+                 + trial.data.encode_actors * trial.data.encode_cpus + 1)
+    assert concurrent * per_trial <= max_cpus, f"{concurrent} trials x {per_trial} CPUs > {max_cpus}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,6 +507,11 @@ def test_gpu_image_is_the_pinned_ray_with_flash_attn():
     assert f'"{pinned("flash-attn")}"' in flash and "--no-build-isolation" in flash, \
         "flash-attn as the gpu extra pins it, built against the installed torch"
     assert "torch.version.cuda" in runs[-1], "the build fails on a CPU torch"
+    # Fashion-MNIST (the quickstart's and the sweep recipe's data) where tim-ray looks for it by default.
+    from tim_ray.data.sources.fashion_mnist import DEFAULT_DIR
+
+    assert any("dataset-fashion-mnist" in a for a in runs)
+    assert ("COPY", f"--from=fashion-mnist {DEFAULT_DIR} {DEFAULT_DIR}") in steps
 
 
 def test_cpu_image_matches_ci_install():

@@ -57,7 +57,7 @@ def _session_pids(leader: int) -> list[int]:
     return pids
 
 
-def _stop_sessions(*leaders: int, grace_s: float = 10) -> None:
+def _stop_sessions(*leaders: int, grace_s: float = 5) -> None:
     """SIGTERM every process of these sessions, SIGKILL what is left after `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in [p for leader in leaders for p in _session_pids(leader)]:
