@@ -25,7 +25,9 @@ def test_sigterm_checkpoints_the_current_step_then_the_same_command_resumes(tmp_
         assert train.poll() is None and time.time() < deadline, "training did not reach step 3"
         time.sleep(0.2)
     train.send_signal(signal.SIGTERM)
+    signalled = time.time()
     output, _ = train.communicate(timeout=180)
+    exited = time.time()
     assert train.returncode == 0, output
     stopped = [line for line in output.splitlines() if line.startswith("tim-ray train: stopped at step")]
     assert stopped and "stop requested" in stopped[0], output
@@ -36,3 +38,4 @@ def test_sigterm_checkpoints_the_current_step_then_the_same_command_resumes(tmp_
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     starts = [json.loads(line) for line in events.read_text().splitlines() if '"event": "start"' in line]
     assert [s["step"] for s in starts] == [0, step]
+    print(f"\nSIGTERM -> checkpoint at step {step} (0 steps lost) and exit 0 in {exited - signalled:.1f} s")
