@@ -147,14 +147,24 @@ def _checkpoint(state: TrainState, model, optimizer, ema, log, loop_config: dict
 
 
 def _periodic(cfg: Config, state: TrainState, model, optimizer, ema, log, feed, path, loop_config) -> bool:
-    """Sample grids every eval_every steps and checkpoints every checkpoint.every steps, and both at the end.
-    Returns whether it saved a checkpoint."""
+    """Sample grids (and the eval.objective scores, if set) every eval_every steps and checkpoints every
+    checkpoint.every steps, and both at the end. Returns whether it saved a checkpoint."""
+    import ray.train
+
     last = state.step == cfg.train.steps
+    objective = {}
     if state.step % cfg.train.eval_every == 0 or last:
         log.sample_grid(state, model, ema, feed, path)
-    if state.step % cfg.checkpoint.every == 0 or last:
-        import ray.train
+        if cfg.eval.objective:
+            from tim_ray.tune.objective import objective_scores
 
+            objective = objective_scores(cfg, model, ema, feed, path)
+            log.tracker.log_metrics(objective, step=state.step)
+    saved = state.step % cfg.checkpoint.every == 0 or last
+    if saved:
         _checkpoint(state, model, optimizer, ema, log, loop_config, ray.train.get_context().get_world_rank())
-        return True
-    return False
+    if objective:
+        # A report of its own, after this step's checkpoint: a Tune sweep counts exactly the reports that carry the
+        # objective (tim_ray.tune.trial), whatever the checkpoint interval.
+        ray.train.report({"step": state.step, **objective})
+    return saved
