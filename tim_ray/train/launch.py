@@ -14,7 +14,7 @@ from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.train.checkpoint import CheckpointError, read_state
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
-from tim_ray.train.stop import new_stop_flag, on_stop_signals
+from tim_ray.train.stop import ProgressBar, new_run_control, on_stop_signals
 
 RUN_ID_FILE = "mlflow_run_id"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -125,19 +125,21 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"{f' (run {tracker.run_id})' if tracker.enabled else ''}"
           f"\n  global batch {derived.global_batch}, lr {derived.lr:g}, {cfg.train.steps} steps"
           f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
-    stop_flag = new_stop_flag()
-    on_stop_signals(stop_flag)
+    control = new_run_control()
+    on_stop_signals(control)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
                            "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data),
-                           "stop_flag": stop_flag, "faults": os.environ.get(FAULTS_ENV, "")},
+                           "control": control, "faults": os.environ.get(FAULTS_ENV, "")},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.train.name, storage_path=storage_root(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
     )
+    progress = ProgressBar(control, _step_of(latest_checkpoint(cfg) or start_from), cfg.train.steps) \
+        if sys.stdout.isatty() else None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -146,6 +148,9 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
               f"  checkpoints: {latest_checkpoint(cfg) or 'none'} (run the same command to resume)",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        if progress is not None:
+            progress.close()
     outcome = result.return_value or {"status": "finished", "step": None, "message": ""}
     last = result.checkpoint.path if result.checkpoint else "none"
     if outcome["status"] in ("nonfinite", "bad_checkpoint"):
@@ -164,6 +169,10 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"\n  samples:       {run_dir / 'samples'}"
           f"\n  browse runs:   mlflow ui --backend-store-uri {tracking_uri(cfg, run_dir)}", flush=True)
     return 0
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return read_state(checkpoint)[0].step if checkpoint else 0
 
 
 def _root_cause(exc: BaseException) -> str:

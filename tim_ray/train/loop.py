@@ -101,10 +101,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         state = _resume(loop_config, model, optimizer, ema, world)
     except CheckpointError as exc:
         return {"status": "bad_checkpoint", "step": 0, "message": str(exc)}
-    log = RunLog(cfg, run_dir, rank, world, tracker_ids=loop_config["mlflow"])
+    control = loop_config.get("control")
+    log = RunLog(cfg, run_dir, rank, world, tracker_ids=loop_config["mlflow"], control=control)
     log.start(state, model)
     samples_log = SampleLog(run_dir, rank, world, state.step) if cfg.train.sample_log else None
-    stops = StopChecks(cfg.checkpoint.stop_check_every, loop_config.get("stop_flag"), rank, device)
+    stops = StopChecks(cfg.checkpoint.stop_check_every, control, rank, device)
     global_batch = None if cfg.data.aspect_buckets else Derived.of(cfg, world_size=world).global_batch
     batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch)
     nonfinite_in_a_row = 0

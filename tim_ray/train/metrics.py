@@ -31,8 +31,9 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class RunLog:
-    def __init__(self, cfg: Config, run_dir: Path, rank: int, world: int, tracker_ids: list):
+    def __init__(self, cfg: Config, run_dir: Path, rank: int, world: int, tracker_ids: list, control=None):
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.control = control if rank == 0 else None  # the driver's RunControl: feeds its progress bar
         self.tracker = Tracker(*tracker_ids) if rank == 0 else Tracker(None, None)
         self.lr = Derived.of(cfg, world_size=world).lr
         self.global_batch = Derived.of(cfg, world_size=world).global_batch
@@ -63,6 +64,8 @@ class RunLog:
         self._event("start", step=state.step, params=n_params, world_size=self.world, lr=self.lr)
 
     def step(self, state, result, data_wait: float, compute: float) -> None:
+        if self.control is not None:
+            self.control.report_step.remote(state.step)
         self._count += 1
         self._skipped += int(result.skipped)
         self._wait += data_wait

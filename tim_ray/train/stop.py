@@ -23,28 +23,36 @@ import torch.distributed as dist
 
 
 @ray.remote(num_cpus=0)
-class StopFlag:
-    """Why the driver asked the run to stop (the signal's name), or None. Create it with `new_stop_flag`."""
+class RunControl:
+    """The driver's end of a run: a stop request goes down to the workers, rank 0's progress comes up to the
+    driver's progress bar. Create it with `new_run_control`."""
 
     def __init__(self):
         self.reason: str | None = None
+        self.step: int = 0
 
-    def set(self, reason: str) -> None:
+    def request_stop(self, reason: str) -> None:
         self.reason = self.reason or reason
 
-    def get(self) -> str | None:
+    def stop_reason(self) -> str | None:
         return self.reason
 
+    def report_step(self, step: int) -> None:
+        self.step = step
 
-def new_stop_flag():
-    """A StopFlag on the driver's own node: placed anywhere, it could sit on a spot node and die with it."""
+    def latest_step(self) -> int:
+        return self.step
+
+
+def new_run_control():
+    """A RunControl on the driver's own node: placed anywhere, it could sit on a spot node and die with it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return StopFlag.options(scheduling_strategy=here).remote()
+    return RunControl.options(scheduling_strategy=here).remote()
 
 
-def on_stop_signals(flag) -> None:
+def on_stop_signals(control) -> None:
     """In the driver: the first SIGTERM/SIGINT asks the workers to checkpoint and stop; the second aborts.
     Python takes signals only in the main thread; a launch from another thread (a notebook, a test) has none."""
     if threading.current_thread() is not threading.main_thread():
@@ -54,7 +62,7 @@ def on_stop_signals(flag) -> None:
         name = signal.Signals(signum).name
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        flag.set.remote(name)
+        control.request_stop.remote(name)
         print(f"tim-ray train: {name}: saving a checkpoint at the next stop check, then stopping "
               f"(send it again to abort without one)", file=sys.stderr, flush=True)
 
@@ -65,20 +73,20 @@ def on_stop_signals(flag) -> None:
 class StopChecks:
     """In every worker: every `every` steps, whether to save a checkpoint now and whether to stop after it."""
 
-    def __init__(self, every: int, flag, rank: int, device: torch.device):
-        self.every, self.flag, self.rank, self.device = every, flag, rank, device
+    def __init__(self, every: int, control, rank: int, device: torch.device):
+        self.every, self.control, self.rank, self.device = every, control, rank, device
         self.saved_for_drain = False
 
     def _requested(self) -> bool:
-        if self.flag is None:
+        if self.control is None:
             return False
         try:
-            return ray.get(self.flag.get.remote(), timeout=30) is not None
+            return ray.get(self.control.stop_reason.remote(), timeout=30) is not None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             # The driver is gone (its node with it); nobody is left to ask for a stop, so training goes on.
-            print("[tim-ray] the driver's stop flag is unreachable; stop requests are off", file=sys.__stdout__,
+            print("[tim-ray] the driver's run control is unreachable; stop requests are off", file=sys.__stdout__,
                   flush=True)
-            self.flag = None
+            self.control = None
             return False
 
     def check(self, step: int) -> tuple[bool, str | None]:
@@ -99,3 +107,32 @@ class StopChecks:
                   f"{step}", file=sys.__stdout__, flush=True)
             return True, None
         return False, None
+
+
+class ProgressBar:
+    """In the driver, when stdout is a terminal: a progress bar over the run's steps, fed by rank 0 through the
+    RunControl (worker output reaches the driver line by line, so a bar drawn in a worker would not show)."""
+
+    POLL_S = 0.5
+
+    def __init__(self, control, start: int, total: int):
+        from tqdm import tqdm
+
+        self.control, self.done = control, threading.Event()
+        self.bar = tqdm(total=total, initial=start, unit="step", desc="tim-ray train", dynamic_ncols=True)
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        while not self.done.wait(self.POLL_S):
+            try:
+                step = ray.get(self.control.latest_step.remote(), timeout=5)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                continue
+            if step > self.bar.n:
+                self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.bar.close()
