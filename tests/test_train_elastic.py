@@ -20,7 +20,7 @@ from tim_ray.train.launch import latest_checkpoint, launch
 
 pytestmark = pytest.mark.ray
 
-STEPS, EVERY = 120, 40
+STEPS, EVERY = 200, 50  # enough steps that the drain, the removal and the restart happen mid-run
 NODE = {"num_cpus": 3}  # a worker takes 2 CPUs, so a node holds one worker plus room for its data tasks
 
 
