@@ -220,12 +220,29 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(run=cmd_eval)
 
 
-def _not_built(issue: str):
-    def run(args) -> int:
-        print(f"tim-ray {args.command}: not built yet ({issue})", file=sys.stderr)
-        return RUNTIME_ERROR
+def cmd_tune(args) -> int:
+    cfg, _ = _resolve(args)
+    from tim_ray.tune.sweep import SweepRequest, run_sweep
 
-    return run
+    request = SweepRequest(space=args.space, num_samples=args.num_samples, scheduler=args.scheduler,
+                           search=args.search, max_concurrent=args.max_concurrent, resume=args.resume, seed=args.seed)
+    return run_sweep(cfg, request, address=args.address)
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="sweep the (t, r) sampling distribution with Ray Tune")
+    _add_config_args(p)
+    p.add_argument("--space", required=True, metavar="SPACE.toml", help="the config keys to sweep and their ranges")
+    p.add_argument("--num-samples", type=int, default=8, metavar="N", help="trials (default 8)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha: stop poor trials at evaluations (default); fifo: train every trial to the end")
+    p.add_argument("--search", choices=("optuna", "random"), default="optuna", help="how trials are drawn")
+    p.add_argument("--max-concurrent", type=int, default=1, metavar="K",
+                   help="trials at a time (default 1; Tune does not count the Train workers of a trial)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's draws (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this train.name")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    p.set_defaults(run=cmd_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,9 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sample_parser(sub)
     _add_eval_parser(sub)
-    p = sub.add_parser("tune", help="sweep the (t, r) sampling distribution with Ray Tune")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_not_built("the Ray Tune issue"))
+    _add_tune_parser(sub)
     p = sub.add_parser("export", help="gather a distributed checkpoint into one safetensors file")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--out", required=True, help="output directory (model.safetensors, config.toml, export.json)")

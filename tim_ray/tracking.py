@@ -106,6 +106,15 @@ class Tracker:
         if self.enabled and os.path.exists(path):
             self._client.log_artifact(self.run_id, str(path), artifact_dir)
 
+    def child_runs(self) -> dict[str, str]:
+        """{run name: run id} of the runs nested under this one (a sweep's trials)."""
+        if not self.enabled:
+            return {}
+        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        children = self._client.search_runs([experiment_id],
+                                            filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
+        return {run.info.run_name: run.info.run_id for run in children}
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self._client.set_terminated(self.run_id, status=status)

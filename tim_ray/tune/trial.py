@@ -1,0 +1,112 @@
+"""One trial of a sweep: a Ray Tune function trainable that runs a short Ray Train training run of its own.
+
+The trial is a Train *driver* (Ray's pattern for Tune over Train V2): it builds the trial's config (the sweep's base
+config with the sampled keys set), opens its MLflow run nested under the sweep's, and fits a TorchTrainer on the
+same worker loop as `tim-ray train`. The loop reports the objective at every evaluation (tim_ray.tune.objective);
+`ObjectiveReport` forwards exactly those reports to Tune, so each Tune result is one evaluation and the scheduler
+can stop a poor trial early. Running a trial again (a resumed sweep) continues from its own latest checkpoint,
+because Ray Train resumes any run whose name and storage it has seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tim_ray.config import Config, dump_toml, from_dict, to_dict
+from tim_ray.tracking import Tracker
+from tim_ray.tune.objective import OBJECTIVE
+from tim_ray.tune.space import apply_params
+
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial needs from the sweep's driver."""
+
+    base: dict  # to_dict of the sweep's base config
+    sweep_dir: str
+    tracking_uri: str  # the sweep's MLflow store ("" = tracking off)
+    parent_run_id: str | None
+
+
+def trial_name(base: Config, trial_id: str) -> str:
+    return f"{base.train.name}_{trial_id}"
+
+
+def trial_config(plan: TrialPlan, params: dict, trial_id: str) -> Config:
+    """The base config with the trial's sampled keys, its own run name and directory, and the sweep's MLflow store."""
+    base = from_dict(plan.base)
+    cfg = apply_params(base, params, f"trial {trial_id}")
+    cfg.train.name = trial_name(base, trial_id)
+    cfg.train.output_dir = str(Path(plan.sweep_dir) / TRIALS_DIR)
+    cfg.tracking.uri = plan.tracking_uri
+    return cfg
+
+
+def _objective_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReport(TuneReportCallback):
+        """Tune's bridge from a Train run, passing on only the reports that carry the objective: a checkpoint
+        between evaluations is not a Tune result (and would lack the metric that Tune requires in every result)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if OBJECTIVE in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReport()
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended without finishing (a diverged run, a bad checkpoint); Tune records it as an error."""
+
+
+def _open_tracker(cfg: Config, run_dir: Path, plan: TrialPlan) -> Tracker:
+    from tim_ray.train.launch import RUN_ID_FILE
+
+    id_file = run_dir / RUN_ID_FILE
+    existing = id_file.read_text().strip() if id_file.is_file() else None
+    tracker = Tracker.create_run(cfg, run_dir, cfg.train.name, parent_run_id=plan.parent_run_id,
+                                 existing_run_id=existing)
+    if tracker.enabled:
+        id_file.write_text(tracker.run_id)
+    return tracker
+
+
+def run_trial(params: dict, plan: TrialPlan, data) -> None:
+    """The Tune trainable (bound to `plan` and the sweep's training data with tune.with_parameters)."""
+    import ray
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+
+    from tim_ray.train.launch import run_dir_of, scaling_config, storage_root
+    from tim_ray.train.loop import train_loop_per_worker
+
+    cfg = trial_config(plan, params, tune.get_context().get_trial_id())
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    tracker = _open_tracker(cfg, run_dir, plan)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": None,
+                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data), "stop_flag": None,
+                           "faults": ""},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name, storage_path=storage_root(cfg), callbacks=[_objective_report_callback()],
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError:
+        tracker.finish("FAILED")
+        raise
+    outcome = result.return_value or {"status": "finished"}
+    if outcome["status"] != "finished":
+        tracker.finish("FAILED")
+        raise TrialFailed(f"{outcome['status']} at step {outcome.get('step')}: {outcome.get('message', '')}")
+    tracker.finish("FINISHED")
