@@ -34,8 +34,9 @@ def test_shipped_space_covers_the_interval_law_and_loads_against_the_shipped_rec
     assert (epsilon.lower, epsilon.upper) == (0.001, 0.02) and type(epsilon.sampler).__name__ == "_LogUniform"
 
 
-def test_every_drawn_point_is_a_valid_config(base):
-    space = load_space(TUNE_CONFIGS / "interval_sampler.toml", base)
+@pytest.mark.parametrize("name", ["interval_sampler.toml", "sampler_and_ratio.toml"])
+def test_every_drawn_point_of_a_shipped_space_is_a_valid_config(base, name):
+    space = load_space(TUNE_CONFIGS / name, base)
     rng = np.random.default_rng(0)
     for _ in range(20):
         params = {key: domain.sample(random_state=rng) for key, domain in space.param_space().items()}
