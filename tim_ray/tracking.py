@@ -16,6 +16,7 @@ from tim_ray.config import Config, to_dict
 log = logging.getLogger("tim_ray")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SQLITE_FILE = "mlflow.db"  # the default store's file in a run directory
+RUN_ID_FILE = "mlflow_run_id"  # the id of a run directory's MLflow run, so a resume logs to the same run
 
 
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
@@ -48,6 +49,19 @@ class Tracker:
     @property
     def enabled(self) -> bool:
         return self._client is not None
+
+    @classmethod
+    def for_run_dir(cls, cfg: Config, run_dir: str | Path, resuming: bool = True,
+                    parent_run_id: str | None = None) -> "Tracker":
+        """The run of a run directory: the one whose id `run_dir/RUN_ID_FILE` records when resuming, else a new
+        one (nested under `parent_run_id` if given), whose id is then recorded there."""
+        id_file = Path(run_dir) / RUN_ID_FILE
+        existing = id_file.read_text().strip() if resuming and id_file.is_file() else None
+        tracker = cls.create_run(cfg, run_dir, cfg.train.name, parent_run_id=parent_run_id,
+                                 existing_run_id=existing)
+        if tracker.enabled:
+            id_file.write_text(tracker.run_id)
+        return tracker
 
     @classmethod
     def create_run(cls, cfg: Config, run_dir: str | Path, run_name: str, parent_run_id: str | None = None,

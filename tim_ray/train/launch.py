@@ -16,7 +16,6 @@ from tim_ray.train.checkpoint import CheckpointError, read_state
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
 from tim_ray.train.stop import ProgressBar, new_run_control, on_stop_signals
 
-RUN_ID_FILE = "mlflow_run_id"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -90,15 +89,6 @@ def start_ray(cfg: Config, address: str | None) -> str:
     return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
 
 
-def _open_tracker(cfg: Config, run_dir: Path, resuming: bool) -> Tracker:
-    id_file = run_dir / RUN_ID_FILE
-    existing = id_file.read_text().strip() if resuming and id_file.is_file() else None
-    tracker = Tracker.create_run(cfg, run_dir, cfg.train.name, existing_run_id=existing)
-    if tracker.enabled:
-        id_file.write_text(tracker.run_id)
-    return tracker
-
-
 def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int:
     import ray
     import ray.train
@@ -118,7 +108,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     rejected = data.reject_counts()
     print(f"tim-ray train: {data.num_rows} usable rows, {sum(rejected.values())} rejected {rejected or ''}"
           f"{f' (listed in {run_dir / cfg.data.rejects_file})' if rejected else ''}", flush=True)
-    tracker = _open_tracker(cfg, run_dir, resuming)
+    tracker = Tracker.for_run_dir(cfg, run_dir, resuming)
     derived = Derived.of(cfg)
     print(f"tim-ray train:\n  run directory: {run_dir}\n  checkpoints:   {storage_root(cfg)}/{cfg.train.name}"
           f"\n  mlflow:        {tracking_uri(cfg, run_dir) if tracker.enabled else 'off'}"

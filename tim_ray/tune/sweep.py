@@ -104,13 +104,8 @@ def _searcher(request: SweepRequest):
 
 
 def _open_parent(cfg: Config, sweep_dir: Path, resume: bool) -> Tracker:
-    from tim_ray.train.launch import RUN_ID_FILE
-
-    id_file = sweep_dir / RUN_ID_FILE
-    existing = id_file.read_text().strip() if resume and id_file.is_file() else None
-    tracker = Tracker.create_run(cfg, sweep_dir, cfg.train.name, existing_run_id=existing)
+    tracker = Tracker.for_run_dir(cfg, sweep_dir, resume)
     if tracker.enabled:
-        id_file.write_text(tracker.run_id)
         tracker.log_file(sweep_dir / SPACE_FILE)
     return tracker
 

@@ -62,18 +62,6 @@ class TrialFailed(RuntimeError):
     """A trial that ended without finishing (a diverged run, a bad checkpoint); Tune records it as an error."""
 
 
-def _open_tracker(cfg: Config, run_dir: Path, plan: TrialPlan) -> Tracker:
-    from tim_ray.train.launch import RUN_ID_FILE
-
-    id_file = run_dir / RUN_ID_FILE
-    existing = id_file.read_text().strip() if id_file.is_file() else None
-    tracker = Tracker.create_run(cfg, run_dir, cfg.train.name, parent_run_id=plan.parent_run_id,
-                                 existing_run_id=existing)
-    if tracker.enabled:
-        id_file.write_text(tracker.run_id)
-    return tracker
-
-
 def run_trial(params: dict, plan: TrialPlan, data) -> None:
     """The Tune trainable (bound to `plan` and the sweep's training data with tune.with_parameters)."""
     import ray
@@ -88,7 +76,7 @@ def run_trial(params: dict, plan: TrialPlan, data) -> None:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
-    tracker = _open_tracker(cfg, run_dir, plan)
+    tracker = Tracker.for_run_dir(cfg, run_dir, parent_run_id=plan.parent_run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": None,
