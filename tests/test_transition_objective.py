@@ -230,3 +230,22 @@ def test_non_finite_outputs_reach_the_loss(gen):
     t, r = times(4, gen)
     out = transition_loss(lambda x_t, t_, r_: x_t * float("nan"), x, z, t, r, path=PATH, config=config())
     assert math.isnan(out.loss.item())
+
+
+def test_directional_term_is_zero_for_one_channel_and_the_gradient_stays_bounded():
+    """One channel: cos of scalars is sign·sign, whose gradient blows up as F_pred -> 0 (B12). With two channels
+    the term is the mean of 1 - cos over positions, as the closed form of orthogonal/opposite vectors gives."""
+    from tim_ray.transition.objective import per_sample_losses
+
+    F_pred = torch.full((2, 1, 4, 4), 1e-7, requires_grad=True)
+    F_tgt = -torch.ones(2, 1, 4, 4)
+    mse, directional = per_sample_losses(F_pred, F_tgt)
+    assert torch.equal(directional, torch.zeros(2))
+    (mse + directional).sum().backward()
+    assert F_pred.grad.abs().max() < 1.0
+
+    a = torch.zeros(1, 2, 1, 2)
+    a[0, 0] = 1.0  # (1, 0) at both positions
+    b = torch.zeros(1, 2, 1, 2)
+    b[0, 1, 0, 0], b[0, 0, 0, 1] = 1.0, -1.0  # orthogonal at the first position, opposite at the second
+    assert torch.allclose(per_sample_losses(a, b)[1], torch.tensor([(1.0 + 2.0) / 2]))

@@ -180,9 +180,15 @@ def adaptive_weight(per_sample_loss: Tensor, eps: float = ADAPTIVE_EPS) -> Tenso
 
 def per_sample_losses(F_pred: Tensor, F_tgt: Tensor) -> tuple[Tensor, Tensor]:
     """(mse_i, directional_i), shape (B,) each: mean_{c,h,w}(F_pred - F_tgt)² and mean_{h,w}(1 - cos_c(F_pred, F_tgt)),
-    the cosine taken over the channel dim (dim 1) at each position."""
+    the cosine taken over the channel dim (dim 1) at each position.
+
+    With one channel (grey pixels) the cosine of two scalars is only the product of their signs: its gradient is
+    zero except near F_pred = 0, where it scales as 1/|F_pred| (a zero-initialised output gave a gradient norm of
+    1e7 on the first Fashion-MNIST step). So directional_i is 0 there (docs/decisions.md, B12)."""
     batch = F_pred.shape[0]
     mse = (F_pred - F_tgt).pow(2).reshape(batch, -1).mean(1)
+    if F_pred.shape[1] == 1:
+        return mse, torch.zeros_like(mse)
     directional = (1 - nnf.cosine_similarity(F_pred, F_tgt, dim=1)).reshape(batch, -1).mean(1)
     return mse, directional
 
