@@ -56,3 +56,12 @@ def test_precompute_refuses_an_unusable_config_with_one_line(tmp_path):
     out = run("precompute", "data.source=parquet", "--out", str(tmp_path / "shards"))
     assert out.returncode == 2
     assert out.stderr == ("tim-ray: error: data.source = 'parquet' needs data.path (a directory, glob or URI)\n")
+
+
+
+def test_overrides_after_an_option_still_apply():
+    dry = run("train", "configs/quickstart.toml", "--dry-run", "train.batch_size=32")
+    assert dry.returncode == 0, dry.stderr
+    assert "32" in dry.stdout and dry.stdout != run("train", "configs/quickstart.toml", "--dry-run").stdout
+    bogus = run("train", "--dry-run", "--bogus")
+    assert bogus.returncode == 2 and "unrecognized arguments: --bogus" in bogus.stderr
