@@ -85,7 +85,9 @@ def start_ray(cfg: Config, address: str | None) -> str:
         ray.init(address=target, log_to_driver=True)
         return f"joined the Ray cluster at {target}"
     # Oversubscribed logical CPUs: on a 2-core machine Ray Train's workers would otherwise starve Ray Data.
-    ray.init(num_cpus=cfg.ray.local_num_cpus, log_to_driver=True)
+    # address="local": a new instance even when a `ray start` cluster runs on this machine (a bare ray.init would
+    # attach to it and then refuse num_cpus).
+    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, log_to_driver=True)
     return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
 
 
