@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from eval_fixtures import write_checkpoint
+from eval_fixtures import CodeRunningPickle, write_checkpoint
 from safetensors.torch import load_file
 
 from tim_ray.cli import main
@@ -104,20 +104,10 @@ def test_export_refuses_to_overwrite(tmp_path):
         export_checkpoint(checkpoint, tmp_path / "export")
 
 
-class _Payload:
-    """Unpickling this would create a file: the proof that code ran."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_a_crafted_dcp_index_is_refused_before_anything_runs(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run")
     witness = tmp_path / "code-ran"
-    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(str(witness))))
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(str(witness))))
     with pytest.raises(ExportError, match="refusing builtins.open|refusing io.open"):
         load_for_inference(checkpoint)
     assert not witness.exists()

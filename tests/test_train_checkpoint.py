@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from eval_fixtures import CodeRunningPickle
 
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
@@ -76,20 +77,12 @@ def test_fault_specs_parse_and_bad_ones_name_the_entry():
         Faults.parse("crash@1,boom@3")
 
 
-class _RunsCode:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_a_crafted_index_is_refused_before_it_runs_anything(tmp_path):
     cfg = tiny(tmp_path)
     checkpoint = tmp_path / "ckpt"
     model = write_checkpoint(checkpoint, cfg, 4)
     witness = tmp_path / "code-ran"
-    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(_RunsCode(str(witness))))
+    (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(str(witness))))
     with pytest.raises(CheckpointError, match="refusing"):
         load_weights(str(checkpoint), model)
     assert not witness.exists()
