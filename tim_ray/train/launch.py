@@ -74,6 +74,30 @@ def scaling_config(cfg: Config):
                                    elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_check_s)
 
 
+def build_trainer(cfg: Config, run_dir: Path, tracker, data, *, start_from: str | None = None, control=None,
+                  faults: str = "", callbacks: tuple = ()):
+    """The TorchTrainer of one training run (`tim-ray train`, and each trial of `tim-ray tune`): the worker loop
+    with its config, run directory, MLflow run, prepared data, RunControl actor and fault plan; scaling, retries
+    and checkpoint retention from cfg; Ray Train's storage under cfg's output directory."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tim_ray.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
+                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data), "control": control,
+                           "faults": faults},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+
+
 def start_ray(cfg: Config, address: str | None) -> str:
     """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs."""
     import ray
@@ -92,12 +116,9 @@ def start_ray(cfg: Config, address: str | None) -> str:
 
 
 def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int:
-    import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from tim_ray.data.batches import load_training_data
-    from tim_ray.train.loop import train_loop_per_worker
 
     start_from = resolve_resume(cfg, resume)
     run_dir = run_dir_of(cfg)
@@ -119,17 +140,8 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
     control = new_run_control()
     on_stop_signals(control)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
-                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data),
-                           "control": control, "faults": os.environ.get(FAULTS_ENV, "")},
-        scaling_config=scaling_config(cfg),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name, storage_path=storage_root(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-    )
+    trainer = build_trainer(cfg, run_dir, tracker, data, start_from=start_from, control=control,
+                            faults=os.environ.get(FAULTS_ENV, ""))
     progress = ProgressBar(control, _step_of(latest_checkpoint(cfg) or start_from), cfg.train.steps) \
         if sys.stdout.isatty() else None
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tim_ray.config import Config, dump_toml, from_dict, to_dict
+from tim_ray.config import Config, dump_toml, from_dict
 from tim_ray.tracking import Tracker
 from tim_ray.tune.objective import OBJECTIVE
 from tim_ray.tune.space import apply_params
@@ -64,30 +64,17 @@ class TrialFailed(RuntimeError):
 
 def run_trial(params: dict, plan: TrialPlan, data) -> None:
     """The Tune trainable (bound to `plan` and the sweep's training data with tune.with_parameters)."""
-    import ray
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
 
-    from tim_ray.train.launch import run_dir_of, scaling_config, storage_root
-    from tim_ray.train.loop import train_loop_per_worker
+    from tim_ray.train.launch import build_trainer, run_dir_of
 
     cfg = trial_config(plan, params, tune.get_context().get_trial_id())
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     tracker = Tracker.for_run_dir(cfg, run_dir, parent_run_id=plan.parent_run_id)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": None,
-                           "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data), "stop_flag": None,
-                           "faults": ""},
-        scaling_config=scaling_config(cfg),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name, storage_path=storage_root(cfg), callbacks=[_objective_report_callback()],
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-    )
+    trainer = build_trainer(cfg, run_dir, tracker, data, callbacks=(_objective_report_callback(),))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError:
