@@ -136,8 +136,8 @@ class LatentEncodeStage:
 
 def add_encode_stages(ds: ray.data.Dataset, spec: EncoderSpec, with_flipped: bool = False) -> ray.data.Dataset:
     """ds with the text stage (if spec.text) and the codec stage (unless the codec is the pixel identity)."""
-    pool = {"batch_size": None, "batch_format": "pyarrow", "concurrency": spec.actors, "num_cpus": spec.cpus,
-            "num_gpus": spec.gpus}
+    pool = {"batch_size": None, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=spec.actors),
+            "num_cpus": spec.cpus, "num_gpus": spec.gpus}
     if spec.text:
         ds = ds.map_batches(TextEncodeStage, fn_constructor_kwargs={"spec": spec}, **pool)
     if spec.latent:
