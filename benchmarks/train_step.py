@@ -8,8 +8,9 @@
    (JVP has no SDPA/flash rule): time, and peak memory (CUDA: max_memory_allocated; CPU: the peak resident set of a
    fresh subprocess per method, sampled every ms, above its baseline). Target: DDE at least 2x faster or lighter.
 3. ray: the same training loop (FSDP2 over one rank, gloo) inside a 1-worker Ray Train run vs in plain torch in
-   this process, per-step time after warm-up, measured inside each loop. Target: Ray overhead under 10%. The
-   unsharded loop is printed too, to show what FSDP2 itself costs at world size 1.
+   this process (run before and after the Ray run), the median per-step time after warm-up, measured inside each
+   loop. Target: Ray overhead under 10%. The unsharded loop is printed too, to show what FSDP2 itself costs at
+   world size 1.
 4. On CUDA with the XL/2 config (--part gpu): images/s and model FLOPs utilisation counting every forward (the grad
    forward + backward = 3 units, the DDE forwards on half the rows = 1 unit).
 
@@ -163,13 +164,15 @@ def dde_vs_jvp(repeats: int, device: torch.device) -> None:
 
 
 def ray_vs_plain(steps: int) -> None:
+    """Medians of per-step times; the plain FSDP2 loop runs before and after the Ray one, so a drift of this
+    machine's speed during the run shows up in both."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    unsharded = _loop_seconds_per_step({"steps": steps, "sharded": False})
-    plain = _in_one_process_group(lambda: _loop_seconds_per_step({"steps": steps, "sharded": True}))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    unsharded = _loop_step_seconds({"steps": steps, "sharded": False})
+    plain = _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True}))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True,
                                                                    "threads": torch.get_num_threads()},
@@ -177,8 +180,10 @@ def ray_vs_plain(steps: int) -> None:
         in_ray = trainer.fit().return_value
     finally:
         ray.shutdown()
-    print(f"\n[3] Ray Train worker vs the same loop (FSDP2 world 1, gloo) in plain torch, tim-s batch 64, {steps} "
-          f"timed steps")
+    plain += _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True}))
+    unsharded, plain, in_ray = (statistics.median(times) for times in (unsharded, plain, in_ray))
+    print(f"\n[3] Ray Train worker vs the same loop (FSDP2 world 1, gloo) in plain torch, tim-s batch 64, median of "
+          f"{steps} timed steps (plain FSDP2: {2 * steps}, before and after the Ray run)")
     print(f"  plain torch, unsharded: {unsharded * 1e3:8.1f} ms/step;  plain torch, FSDP2: {plain * 1e3:8.1f} ms/step;"
           f"  Ray Train worker, FSDP2: {in_ray * 1e3:8.1f} ms/step")
     print(f"  Ray overhead: {100 * (in_ray / plain - 1):+.1f}%  (target under 10%);  FSDP2 at world size 1: "
@@ -201,7 +206,7 @@ def _in_one_process_group(run):
         dist.destroy_process_group()
 
 
-def _loop_seconds_per_step(config: dict) -> float:
+def _loop_step_seconds(config: dict) -> list[float]:
     cfg = load_config(None, QUICKSTART)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, TEXT_DIM)
@@ -213,15 +218,17 @@ def _loop_seconds_per_step(config: dict) -> float:
     batch, path = synthetic_batch(cfg, 1), get_path("otfm")
     for step in range(2):
         train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
-    start = time.perf_counter()
+    times = []
     for step in range(config["steps"]):
+        start = time.perf_counter()
         train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
-    return (time.perf_counter() - start) / config["steps"]
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def _ray_loop(config: dict) -> float:
+def _ray_loop(config: dict) -> list[float]:
     torch.set_num_threads(config["threads"])  # as many as the plain loop, so only Ray and FSDP differ
-    return _loop_seconds_per_step(config)
+    return _loop_step_seconds(config)
 
 
 def gpu_throughput(repeats: int) -> None:
