@@ -6,7 +6,6 @@ computes the noise floors, and turns the eval.json files into tables and plots.
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py eval RUN [RUN ...]   # tim-ray eval per run and seed
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py floor                # real-vs-real FID/KID/agreement
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py report               # tables (stdout) + docs/img plots
-    .venv/bin/python benchmarks/experiment_tim_vs_fm.py partial              # the plot of the stopped run
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py check-fm-consistency # the FM's consistency with r := t
 
 RUN is a config name in configs/experiments/ (fmnist_tim, fmnist_fm, shapes_tim, shapes_fm); its run directory
@@ -33,8 +32,9 @@ LOWER_IS_BETTER = {"fid", "kid", "consistency"}
 
 
 def eval_command(run: str, seed: int, ema: bool = False) -> list[str]:
-    """The trained weights by default (--no-ema): after ~100 steps an EMA of decay 0.99 still holds 0.99^100 = 37%
-    of the initial weights (see docs/results.md); --ema evaluates the EMA weights into eval_ema/."""
+    """The trained weights by default (--no-ema), the same choice for both models: an EMA of decay 0.99 holds
+    0.99^k of the zero-initialised output after k steps, which skews short runs (docs/results.md); --ema evaluates
+    the EMA weights into eval_ema/."""
     dataset = run.split("_")[0]
     return [str(ROOT / ".venv/bin/tim-ray"), "eval", str(EXP / run), "--nfe", ",".join(map(str, NFE)),
             "--metric", ",".join(METRICS[dataset]), "--num-samples", str(SAMPLES), "--seed", str(seed),
@@ -162,42 +162,6 @@ def cmd_report() -> None:
         print(f"wrote {out}")
 
 
-def cmd_partial() -> None:
-    """What the stopped 2026-11-25 run produced: the Fashion-MNIST TiM at step 105, EMA weights (3 seeds) vs its
-    trained weights (the seeds that finished), against the real-data floor. No flow-matching model was finished."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    floor = json.loads((EXP / "floor.json").read_text())
-    sets = {"TiM step 105, EMA weights": [json.loads(p.read_text()) for p in
-                                          sorted((EXP / "eval_ema" / "fmnist_tim").glob("seed*/eval.json"))],
-            "TiM step 105, trained weights": [json.loads(p.read_text()) for p in
-                                              sorted((EXP / "eval" / "fmnist_tim").glob("seed*/eval.json"))]}
-    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.6))
-    for ax, m in zip(axes, ("fid", "class_agreement")):
-        for (name, res), style in zip(sets.items(), ("s--", "o-")):
-            if not res:
-                continue
-            mean, std = summary(res, m)
-            label = f"{name} ({len(res)} seed{'s' if len(res) > 1 else ''})"
-            ax.errorbar(NFE, mean, yerr=[0 if v != v else v for v in std], fmt=style, capsize=3, label=label)
-        ax.axhline(statistics.mean(floor[m]), color="grey", lw=0.8, ls=":", label=f"real data, {SAMPLES} images")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(NFE, [str(n) for n in NFE])
-        ax.set_xlabel("sampling steps")
-        ax.set_title(f"{m} ({'lower' if m in LOWER_IS_BETTER else 'higher'} is better)")
-        ax.legend(fontsize=7)
-    fig.suptitle("Fashion-MNIST, TiM only (the flow-matching baseline was not trained: see docs/results.md)",
-                 fontsize=9)
-    fig.tight_layout()
-    out = ROOT / "docs" / "img" / "results_fmnist_partial.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
 def cmd_check_fm_consistency() -> None:
     """tim-ray's consistency metric queries F(x, t, r) with r < t. A flow-matching net never saw r ≠ t, so that
     reads its untrained Δt embedding. Here the FM's consistency is also computed the way its sampler uses it:
@@ -227,7 +191,7 @@ def cmd_check_fm_consistency() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["eval", "floor", "report", "partial", "check-fm-consistency"])
+    parser.add_argument("command", choices=["eval", "floor", "report", "check-fm-consistency"])
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--ema", action="store_true", help="eval: the EMA weights (default: the trained weights)")
@@ -238,8 +202,6 @@ def main() -> None:
         cmd_floor()
     elif args.command == "report":
         cmd_report()
-    elif args.command == "partial":
-        cmd_partial()
     else:
         cmd_check_fm_consistency()
     sys.stdout.flush()
