@@ -96,7 +96,7 @@ class DataConfig:
 class TrainConfig:
     name: str = "quickstart"
     output_dir: str = "runs"  # the run directory is <output_dir>/<name>
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64  # per worker, per micro-step
     grad_accum: int = 1
     seed: int = 0
