@@ -45,6 +45,16 @@ def test_stochastic_sampling_is_reproducible_too(tmp_path, class_checkpoint):
     assert pngs(tmp_path / "a") != pngs(tmp_path / "c")  # the injected noise changed something
 
 
+def test_mode_diffusion_samples_with_euler_steps_and_is_recorded(tmp_path, class_checkpoint):
+    args = ["sample", str(class_checkpoint), "--class", "2", "--nfe", "4", "--seed", "1"]
+    assert main([*args, "--mode", "transition", "--out", str(tmp_path / "t")]) == 0
+    assert main([*args, "--mode", "diffusion", "--out", str(tmp_path / "d")]) == 0
+    assert main([*args, "--mode", "diffusion", "--out", str(tmp_path / "d2")]) == 0
+    assert pngs(tmp_path / "d") == pngs(tmp_path / "d2")
+    assert pngs(tmp_path / "t") != pngs(tmp_path / "d")  # r = t instead of r = the next time
+    assert json.loads((tmp_path / "d" / "samples.json").read_text())["sample"]["mode"] == "diffusion"
+
+
 def test_any_size_the_patch_grid_takes(tmp_path, class_checkpoint):
     assert main(["sample", str(class_checkpoint), "--class", "0", "--height", "12", "--width", "20",
                  "--out", str(tmp_path / "s")]) == 0
@@ -59,6 +69,7 @@ def test_any_size_the_patch_grid_takes(tmp_path, class_checkpoint):
                                          "positive multiples of 2"),
     (["--class", "0", "--cfg-interval", "0.9"], "--cfg-interval must be two numbers LO,HI, got '0.9'"),
     (["--class", "0", "--nfe", "0"], "sample.nfe must be > 0, got 0"),
+    (["--class", "0", "--mode", "euler"], "sample.mode = 'euler' is not one of transition, diffusion"),
 ])
 def test_bad_requests_are_one_line_usage_errors(tmp_path, class_checkpoint, capsys, extra, message):
     assert main(["sample", str(class_checkpoint), *extra, "--out", str(tmp_path / "x")]) == 2

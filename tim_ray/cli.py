@@ -88,7 +88,7 @@ def _sample_settings(cfg, args, nfe: int | None = None):
     from tim_ray.config import from_dict, to_dict
 
     given = {"nfe": nfe, "cfg_scale": args.cfg_scale, "stochasticity": args.stochasticity,
-             "seed": args.seed,
+             "seed": args.seed, "mode": args.mode,
              "cfg_interval": _pair(args.cfg_interval, "--cfg-interval") if args.cfg_interval else None}
     tree = to_dict(cfg)
     tree["sample"].update({k: v for k, v in given.items() if v is not None})
@@ -160,6 +160,7 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--cfg", dest="cfg_scale", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg-interval", metavar="LO,HI", help="guide only for LO·T_max < t <= HI·T_max")
     p.add_argument("--stochasticity", type=float, help="noise injected per step (0 = deterministic, OT-FM only)")
+    p.add_argument("--mode", help="transition (jump t -> next time) or diffusion (Euler on F(x, t, t))")
     p.add_argument("--seed", type=int, help="seed of the starting noise")
     p.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights even when EMA weights exist")
