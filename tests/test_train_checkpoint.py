@@ -86,3 +86,40 @@ def test_a_crafted_index_is_refused_before_it_runs_anything(tmp_path):
     with pytest.raises(CheckpointError, match="refusing"):
         load_weights(str(checkpoint), model)
     assert not witness.exists()
+
+
+def test_a_world_of_one_saves_and_loads_without_collectives(tmp_path, monkeypatch):
+    """DCP's plan gather at world size 1 left an OpenMP team on gloo's thread that slowed every later CPU step
+    (see checkpoint._alone): a world of one must save and load without any collective."""
+    import torch.distributed as dist
+
+    from tim_ray.train.checkpoint import load_checkpoint
+    from tim_ray.train.parallelize import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        cfg = tiny(tmp_path)
+        model = build_model(cfg.model, in_channels=1, text_dim=None)
+        shard_model(model, torch.device("cpu"), 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sum(p.sum() for p in model.parameters()).backward()
+        optimizer.step()
+        saved = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a collective at world size 1")
+
+        for name in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+                     "all_gather", "all_reduce", "broadcast", "barrier"):
+            monkeypatch.setattr(dist, name, refuse)
+        save_checkpoint(str(tmp_path / "ckpt"), model, optimizer, None, TrainState(step=3), {}, rank=0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        assert load_checkpoint(str(tmp_path / "ckpt"), model, optimizer, None).step == 3
+        for name, p in model.named_parameters():
+            assert torch.equal(p.full_tensor(), saved[name]), name
+        assert optimizer.state_dict()["state"], "the optimizer moments were not restored"
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

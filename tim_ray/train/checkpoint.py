@@ -11,6 +11,7 @@ previous checkpoint in use.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import io
@@ -18,9 +19,11 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -60,13 +63,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _alone() -> bool:
+    """True when this process is the whole world, so DCP needs no collectives.
+
+    DCP gathers every rank's save plan (hundreds of items, a few hundred KB) with gloo even at world size 1. Gloo
+    copies it on its own worker thread with an OpenMP parallel loop, and that thread's OpenMP team lives as long as
+    the process group: libgomp then counts more threads than cores and stops spin-waiting, so every later training
+    step on the CPU ran about 1.2x slower (measured: benchmarks/train_step.py and docs/training.md)."""
+    return not dist.is_initialized() or dist.get_world_size() == 1
+
+
+@contextlib.contextmanager
+def _single_process_intended():
+    """DCP warns on every no_dist call that it is 'assuming' a single process; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_checkpoint(directory: str, model, optimizer, ema, state: TrainState, config: dict, rank: int) -> None:
     """Every rank calls this with its own (empty) directory; rank 0 also writes state.json."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     payload = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         payload["ema"] = ema.state_dict()
-    dcp.save(payload, checkpoint_id=os.path.join(directory, DCP_DIR))
+    with _single_process_intended():
+        dcp.save(payload, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=_alone())
     if rank == 0:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump({"state": asdict(state), "config": config, "versions": _versions()}, f, indent=1)
@@ -143,7 +165,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def _safe_load(payload: dict, directory: str, **kwargs) -> None:
     read_index(directory)
-    dcp.load(payload, checkpoint_id=os.path.join(directory, DCP_DIR), planner=SafeLoadPlanner(), **kwargs)
+    with _single_process_intended():
+        dcp.load(payload, checkpoint_id=os.path.join(directory, DCP_DIR), planner=SafeLoadPlanner(), **kwargs)
 
 
 # CheckpointException (a BaseException) is how DCP reports a failure on any rank: damaged or missing shard files.
@@ -167,7 +190,7 @@ def load_checkpoint(directory: str, model, optimizer, ema) -> TrainState:
     if ema is not None:
         payload["ema"] = ema.state_dict()
     try:
-        _safe_load(payload, directory)
+        _safe_load(payload, directory, no_dist=_alone())
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"cannot load {directory}: {_reason(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
