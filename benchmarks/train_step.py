@@ -10,7 +10,8 @@
 3. ray: the same training loop (FSDP2 over one rank, gloo) inside a 1-worker Ray Train run vs in plain torch in
    this process (run before and after the Ray run), the median per-step time after warm-up, measured inside each
    loop. Target: Ray overhead under 10%. The unsharded loop is printed too, to show what FSDP2 itself costs at
-   world size 1.
+   world size 1. To locate the overhead, the Ray loop alternates windows of steps with the node's other Ray worker
+   processes (Train's controller and helper actors, idle workers, agents) running and paused with SIGSTOP.
 4. On CUDA with the XL/2 config (--part gpu): images/s and model FLOPs utilisation counting every forward (the grad
    forward + backward = 3 units, the DDE forwards on half the rows = 1 unit).
 
@@ -19,6 +20,7 @@ Timings alternate between the variants and report medians, because this machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -170,8 +172,8 @@ def ray_vs_plain(steps: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    unsharded = _loop_step_seconds({"steps": steps, "sharded": False})
-    plain = _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True}))
+    unsharded = _loop_step_seconds({"steps": steps, "sharded": False})["running"]
+    plain = _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True})["running"])
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         trainer = TorchTrainer(_ray_loop, train_loop_config={"steps": steps, "sharded": True,
@@ -180,14 +182,18 @@ def ray_vs_plain(steps: int) -> None:
         in_ray = trainer.fit().return_value
     finally:
         ray.shutdown()
-    plain += _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True}))
-    unsharded, plain, in_ray = (statistics.median(times) for times in (unsharded, plain, in_ray))
+    plain += _in_one_process_group(lambda: _loop_step_seconds({"steps": steps, "sharded": True})["running"])
+    unsharded, plain, in_ray, helpers_paused = (statistics.median(times) for times in (
+        unsharded, plain, in_ray["running"], in_ray["paused"]))
     print(f"\n[3] Ray Train worker vs the same loop (FSDP2 world 1, gloo) in plain torch, tim-s batch 64, median of "
           f"{steps} timed steps (plain FSDP2: {2 * steps}, before and after the Ray run)")
     print(f"  plain torch, unsharded: {unsharded * 1e3:8.1f} ms/step;  plain torch, FSDP2: {plain * 1e3:8.1f} ms/step;"
           f"  Ray Train worker, FSDP2: {in_ray * 1e3:8.1f} ms/step")
     print(f"  Ray overhead: {100 * (in_ray / plain - 1):+.1f}%  (target under 10%);  FSDP2 at world size 1: "
           f"{100 * (plain / unsharded - 1):+.1f}%")
+    print(f"  Ray Train worker with the node's other Ray worker processes paused (alternate windows of {WINDOW} steps): "
+          f"{helpers_paused * 1e3:8.1f} ms/step, overhead {100 * (helpers_paused / plain - 1):+.1f}%: the rest is "
+          f"theirs (each wakes ~100 times a second, and this box has no idle core for them)")
 
 
 def _in_one_process_group(run):
@@ -206,7 +212,12 @@ def _in_one_process_group(run):
         dist.destroy_process_group()
 
 
-def _loop_step_seconds(config: dict) -> list[float]:
+WINDOW = 7  # steps per window when the Ray loop alternates between Ray's other processes running and paused
+
+
+def _loop_step_seconds(config: dict, paused=None) -> dict[str, list[float]]:
+    """Per-step seconds of config["steps"] steps; with `paused` (a context manager), as many again run inside it,
+    in alternate windows, so a drift of the machine's speed reaches both."""
     cfg = load_config(None, QUICKSTART)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, TEXT_DIM)
@@ -218,17 +229,45 @@ def _loop_step_seconds(config: dict) -> list[float]:
     batch, path = synthetic_batch(cfg, 1), get_path("otfm")
     for step in range(2):
         train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
-    times = []
-    for step in range(config["steps"]):
-        start = time.perf_counter()
-        train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
-        times.append(time.perf_counter() - start)
+    times = {"running": [], "paused": []} if paused else {"running": []}
+    step = 0
+    while len(times["running"]) < config["steps"]:
+        for condition, steps in times.items():
+            with paused() if condition == "paused" else contextlib.nullcontext():
+                for _ in range(min(WINDOW, config["steps"] - len(steps))):
+                    start = time.perf_counter()
+                    train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
+                    steps.append(time.perf_counter() - start)
+                    step += 1
     return times
 
 
-def _ray_loop(config: dict) -> list[float]:
+@contextlib.contextmanager
+def _other_ray_workers_paused():
+    """SIGSTOP the other children of this worker's raylet (Ray worker processes and agents), SIGCONT them after."""
+    import signal
+
+    raylet, others = os.getppid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if parent == raylet and int(pid) != os.getpid():
+            others.append(int(pid))
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _ray_loop(config: dict) -> dict[str, list[float]]:
     torch.set_num_threads(config["threads"])  # as many as the plain loop, so only Ray and FSDP differ
-    return _loop_step_seconds(config)
+    return _loop_step_seconds(config, paused=_other_ray_workers_paused)
 
 
 def gpu_throughput(repeats: int) -> None:
