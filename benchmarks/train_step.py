@@ -10,8 +10,9 @@
 3. ray: the same training loop (FSDP2 over one rank, gloo) inside a 1-worker Ray Train run vs in plain torch in
    this process (run before and after the Ray run), the median per-step time after warm-up, measured inside each
    loop. Target: Ray overhead under 10%. The unsharded loop is printed too, to show what FSDP2 itself costs at
-   world size 1. To locate the overhead, the Ray loop alternates windows of steps with the node's other Ray worker
-   processes (Train's controller and helper actors, idle workers, agents) running and paused with SIGSTOP.
+   world size 1. To locate the overhead, the Ray loop then runs as many steps again with the node's other Ray
+   processes (Train's controller and helper actors, idle workers, agents) paused with SIGSTOP. `--threads 1` on a
+   2-core box leaves those processes a core, as a GPU node (many cores per GPU) does.
 4. On CUDA with the XL/2 config (--part gpu): images/s and model FLOPs utilisation counting every forward (the grad
    forward + backward = 3 units, the DDE forwards on half the rows = 1 unit).
 
@@ -191,9 +192,9 @@ def ray_vs_plain(steps: int) -> None:
           f"  Ray Train worker, FSDP2: {in_ray * 1e3:8.1f} ms/step")
     print(f"  Ray overhead: {100 * (in_ray / plain - 1):+.1f}%  (target under 10%);  FSDP2 at world size 1: "
           f"{100 * (plain / unsharded - 1):+.1f}%")
-    print(f"  Ray Train worker with the node's other Ray worker processes paused (alternate windows of {WINDOW} steps): "
-          f"{helpers_paused * 1e3:8.1f} ms/step, overhead {100 * (helpers_paused / plain - 1):+.1f}%: the rest is "
-          f"theirs (each wakes ~100 times a second, and this box has no idle core for them)")
+    print(f"  Ray Train worker, the next {steps} steps with the node's other Ray processes paused: "
+          f"{helpers_paused * 1e3:8.1f} ms/step, overhead {100 * (helpers_paused / plain - 1):+.1f}% (the difference is "
+          f"what they cost the loop: each wakes ~100 times a second; it matters when the loop's threads fill every core)")
 
 
 def _in_one_process_group(run):
@@ -212,12 +213,9 @@ def _in_one_process_group(run):
         dist.destroy_process_group()
 
 
-WINDOW = 7  # steps per window when the Ray loop alternates between Ray's other processes running and paused
-
-
 def _loop_step_seconds(config: dict, paused=None) -> dict[str, list[float]]:
-    """Per-step seconds of config["steps"] steps; with `paused` (a context manager), as many again run inside it,
-    in alternate windows, so a drift of the machine's speed reaches both."""
+    """Per-step seconds of config["steps"] steps; with `paused` (a context manager), as many again inside it, after
+    the others (in one block: the paused processes catch up for a while after they resume)."""
     cfg = load_config(None, QUICKSTART)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, TEXT_DIM)
@@ -231,14 +229,13 @@ def _loop_step_seconds(config: dict, paused=None) -> dict[str, list[float]]:
         train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
     times = {"running": [], "paused": []} if paused else {"running": []}
     step = 0
-    while len(times["running"]) < config["steps"]:
-        for condition, steps in times.items():
-            with paused() if condition == "paused" else contextlib.nullcontext():
-                for _ in range(min(WINDOW, config["steps"] - len(steps))):
-                    start = time.perf_counter()
-                    train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
-                    steps.append(time.perf_counter() - start)
-                    step += 1
+    for condition, steps in times.items():
+        with paused() if condition == "paused" else contextlib.nullcontext():
+            for _ in range(config["steps"]):
+                start = time.perf_counter()
+                train_step(model, optimizer, batch, cfg, path, step_generator(0, step, 0))
+                steps.append(time.perf_counter() - start)
+                step += 1
     return times
 
 
@@ -297,10 +294,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=["all", "tim-vs-fm", "dde-vs-jvp", "ray", "gpu"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of every loop (default: torch's, one per core); fewer than the cores "
+                             "leaves Ray's processes a core of their own, as on a GPU node")
     parser.add_argument("--_rss", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._rss:
         return _rss_child(args._rss)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.part in ("all", "tim-vs-fm"):
