@@ -33,12 +33,14 @@ class IdleBackoff(ExecutionCallback):
     Ray Data's scheduling loop (Ray 2.60) blocks in ray.wait only while some task is running. Once the pipeline is
     `RUN_AHEAD_BYTES` ahead of training and nothing runs, each step returns at once and the thread spins a whole
     core inside the training process, which took 2-3x off the quickstart's step time on 2 cores. A step that
-    returns in under `FAST_STEP_S` means there was nothing to wait on; sleeping `SLEEP_S` costs at most that much
-    latency when training asks for the next batch.
+    returns in under `FAST_STEP_S` means there was nothing to wait on; sleeping `SLEEP_S` delays by at most that
+    much the refill of a run-ahead that holds many batches. Each step still costs about 1 ms of Python under the
+    GIL: at 10 ms the loop took 13% of a core from the training process and the quickstart ran at 93 images/s;
+    at 100 ms, 108 (alternating 25-step windows of one run; data-wait share 1.4% in both).
     """
 
     FAST_STEP_S = 0.001
-    SLEEP_S = 0.01
+    SLEEP_S = 0.1
 
     def __init__(self):
         self._last = time.perf_counter()
