@@ -69,7 +69,7 @@ def _alone() -> bool:
     DCP gathers every rank's save plan (hundreds of items, a few hundred KB) with gloo even at world size 1. Gloo
     copies it on its own worker thread with an OpenMP parallel loop, and that thread's OpenMP team lives as long as
     the process group: libgomp then counts more threads than cores and stops spin-waiting, so every later training
-    step on the CPU ran about 1.2x slower (measured: benchmarks/train_step.py and docs/training.md)."""
+    step on the CPU ran about 1.2x slower (measured: docs/training.md)."""
     return not dist.is_initialized() or dist.get_world_size() == 1
 
 
