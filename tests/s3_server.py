@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,9 +82,17 @@ def _tail(path: Path, lines: int = 20) -> str:
 @contextlib.contextmanager
 def moto_s3(start_timeout_s: float = 60.0, attempts: int = 3) -> Iterator[str]:
     """Start `python -m moto.server` on a free loopback port, wait until it answers HTTP, yield its endpoint URL
-    ("http://127.0.0.1:PORT") and stop it by PID at the end. The server's output goes to a temp log file whose tail
-    is in the error if it does not come up. A port taken between picking and binding is retried `attempts` times."""
+    ("http://127.0.0.1:PORT") and stop it by PID at the end. The server's output goes to a temp log file (removed at
+    the end) whose tail is in the error if it does not come up. A port taken between picking and binding is retried
+    `attempts` times."""
     log_dir = Path(tempfile.mkdtemp(prefix="moto_s3_"))
+    try:
+        yield from _serve(log_dir, start_timeout_s, attempts)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _serve(log_dir: Path, start_timeout_s: float, attempts: int) -> Iterator[str]:
     for attempt in range(attempts):
         port = free_port()
         endpoint = f"http://127.0.0.1:{port}"
