@@ -4,9 +4,12 @@
     DIR/model.safetensors   the trained weights, or the EMA weights with --ema
     DIR/config.toml         the resolved training config (tim_ray.config.dump_toml)
     DIR/export.json         which weights, the training state (step, data position) and the library versions
+    DIR/checksums.json      size and sha256 of the three files above, written last (tim_ray.train.checksums)
 
 `load_for_inference(path)` takes an export directory, a checkpoint directory, or a run directory (its newest
-checkpoint) and returns the model with its config. EMA weights are used by default when the source has them.
+complete and verified checkpoint: tim_ray.train.checkpoints_on_disk) and returns the model with its config. EMA
+weights are used by default when the source has them. Every source is verified against its checksums before it is
+read; a mismatch is a CheckpointError (exit 1) naming the file.
 
 Safety: exports are read with safetensors only. A DCP checkpoint keeps its index in a pickle (`dcp/.metadata`);
 before torch.distributed.checkpoint reads it, it is opened (tim_ray.train.checkpoint.read_index) with an unpickler
@@ -16,6 +19,7 @@ be a plain tensor.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +28,10 @@ import torch
 
 from tim_ray.config import Config, ConfigError, dump_toml, from_dict, load_config
 from tim_ray.models.registry import build_model
+from tim_ray.train import checksums
 from tim_ray.train.checkpoint import (DCP_DIR, INDEX_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
                                       read_index, read_state)
+from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, require_newest_verified, verify_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.toml"
@@ -68,9 +74,14 @@ def _is_export(path: Path) -> bool:
     return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
-def locate(path: str | Path) -> tuple[str, Path]:
-    """("checkpoint" | "export", directory) for a checkpoint, an export, or a run directory (its newest
-    checkpoint_* with a state.json, i.e. one that was completely written)."""
+def _say(line: str) -> None:
+    print(f"tim-ray: {line}", file=sys.stderr, flush=True)
+
+
+def locate(path: str | Path, note=_say) -> tuple[str, Path]:
+    """("checkpoint" | "export", directory) for a checkpoint, an export, or a run directory (its newest complete
+    and verified checkpoint; each newer one that is damaged or incomplete is named in one line through `note`).
+    The directory returned has been verified against its checksums; CheckpointError if it does not verify."""
     text = str(path)
     if "://" in text:
         raise ExportError(f"'{text}' is remote storage; copy the checkpoint to a local directory first")
@@ -78,13 +89,12 @@ def locate(path: str | Path) -> tuple[str, Path]:
     if not path.exists():
         raise ExportError(f"'{text}' does not exist")
     if _is_export(path):
+        checksums.verify(path)
         return "export", path.resolve()
     if _is_checkpoint(path):
-        return "checkpoint", path.resolve()
-    if path.is_dir():
-        done = sorted(p for p in path.glob("checkpoint_*") if _is_checkpoint(p))
-        if done:
-            return "checkpoint", done[-1].resolve()
+        return "checkpoint", verify_checkpoint(path).resolve()
+    if path.is_dir() and checkpoint_dirs(path):
+        return "checkpoint", require_newest_verified(path, note).resolve()
     raise ExportError(f"'{text}' is not a tim-ray checkpoint ({STATE_FILE} + {DCP_DIR}/), export ({WEIGHTS_FILE} + "
                       f"{CONFIG_FILE}) or run directory (checkpoint_* inside)")
 
@@ -141,12 +151,9 @@ def _load_checkpoint(directory: Path, ema: bool | None, device) -> InferenceMode
     shapes = stored_tensor_shapes(directory)
     weights = _pick(ema, bool(shapes[EMA]), directory)
     model = _model_for(cfg, shapes[weights], directory, "cpu")
-    try:
-        with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            load_weights(str(directory), model, use_ema=weights == EMA)
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from None
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_weights(str(directory), model, use_ema=weights == EMA)  # CheckpointError (exit 1) if it fails
     return InferenceModel(model.to(device).eval(), cfg, weights, state, directory, "checkpoint")
 
 
@@ -162,6 +169,7 @@ def _load_export(directory: Path, ema: bool | None, device) -> InferenceModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    checksums.verify(directory)
     info = read_export_info(directory)
     cfg = load_config(directory / CONFIG_FILE)
     held = info.get("weights")
@@ -200,14 +208,14 @@ def load_for_inference(path: str | Path, ema: bool | None = None, device="cpu") 
 
 def export_checkpoint(path: str | Path, out: str | Path, ema: bool = False) -> Path:
     """Write `out`/{model.safetensors, config.toml, export.json} from a checkpoint or run directory: the trained
-    weights, or the EMA weights when `ema`. Refuses to overwrite an existing export."""
+    weights, or the EMA weights when `ema`; then `out`/checksums.json, last. Refuses to overwrite an export."""
     from safetensors.torch import save_file
 
     kind, directory = locate(path)
     if kind == "export":
         raise ExportError(f"'{path}' is already an export")
     out = Path(out).expanduser()
-    if (out / WEIGHTS_FILE).exists():
+    if (out / WEIGHTS_FILE).exists() or (out / checksums.MANIFEST).exists():
         raise ExportError(f"'{out}' already holds an export; choose another --out")
     loaded = _load_checkpoint(directory, ema, "cpu")
     out.mkdir(parents=True, exist_ok=True)
@@ -218,4 +226,6 @@ def export_checkpoint(path: str | Path, out: str | Path, ema: bool = False) -> P
     info = {"weights": loaded.weights, "source": str(directory), "state": asdict(loaded.state),
             "versions": saved.get("versions", {})}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    files = (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE)
+    checksums.write_atomically(out / checksums.MANIFEST, checksums.manifest_bytes(checksums.describe(out, files)))
     return out
