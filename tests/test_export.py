@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tim_ray.cli import main
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
+from tim_ray.train import checksums
 from tim_ray.train.checkpoint import load_weights
 from tim_ray.train.export import ExportError, export_checkpoint, load_for_inference, stored_tensor_shapes
 
@@ -108,6 +109,7 @@ def test_a_crafted_dcp_index_is_refused_before_anything_runs(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run")
     witness = tmp_path / "code-ran"
     (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(str(witness))))
+    checksums.seal(checkpoint, "checksums.rank0.json")  # a crafter who rewrites the checksums too
     with pytest.raises(ExportError, match="refusing builtins.open|refusing io.open"):
         load_for_inference(checkpoint)
     assert not witness.exists()
@@ -125,7 +127,8 @@ def test_cli_export_writes_the_files_and_bad_paths_exit_2(tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e"), "--ema"]) == 0
     assert "EMA weights of step 7" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.toml", "export.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["checksums.json", "config.toml", "export.json",
+                                                                  "model.safetensors"]
     assert main(["export", str(checkpoint / "dcp"), "--out", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a tim-ray checkpoint" in err

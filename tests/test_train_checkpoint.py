@@ -8,6 +8,7 @@ from eval_fixtures import CodeRunningPickle
 
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
+from tim_ray.train import checksums
 from tim_ray.train.checkpoint import CheckpointError, TrainState, load_weights, read_state, save_checkpoint
 from tim_ray.train.faults import Faults, FaultSpecError
 from tim_ray.train.launch import RAY_SNAPSHOT, ResumeError, latest_checkpoint, resolve_resume
@@ -34,12 +35,12 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     cfg = tiny(tmp_path)
     run = tmp_path / "run"
     write_checkpoint(run / "checkpoint_00000004", cfg, 4)
-    # A crash while step 8 was being persisted: its directory exists, with state.json, but Ray never registered it.
+    # A crash while step 8 was being persisted: its directory exists, with state.json, but not every file arrived.
     write_checkpoint(run / "checkpoint_00000008", cfg, 8)
     (run / "checkpoint_00000008" / "dcp" / ".metadata").unlink()
     register(run, "checkpoint_00000004")
     assert latest_checkpoint(cfg) == str(run / "checkpoint_00000004")
-    assert resolve_resume(cfg, "auto") is None  # Ray restores its registered latest itself
+    assert resolve_resume(cfg, "auto") is None  # the worker finds the newest verified one itself
     with pytest.raises(ResumeError, match="already has checkpoints"):
         resolve_resume(cfg, "never")
 
@@ -50,20 +51,23 @@ def test_a_damaged_snapshot_or_checkpoint_gives_one_clear_error(tmp_path):
     model = write_checkpoint(run / "checkpoint_00000004", cfg, 4)
     (run / RAY_SNAPSHOT).write_text("{not json")
     with pytest.raises(ResumeError, match="corrupt"):
-        latest_checkpoint(cfg)
+        resolve_resume(cfg, "auto")
 
     checkpoint = run / "checkpoint_00000004"
     assert load_weights(str(checkpoint), build_model(cfg.model, in_channels=1, text_dim=None)).step == 4
+    (run / RAY_SNAPSHOT).unlink()
     (checkpoint / "state.json").write_text('{"state": {"step": ')
     with pytest.raises(CheckpointError, match="state.json is corrupt"):
         read_state(str(checkpoint))
-    with pytest.raises(ResumeError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint_00000004/state.json: \d+ bytes, expected"):
         resolve_resume(cfg, str(checkpoint))
+    with pytest.raises(ResumeError, match="not a tim-ray checkpoint directory"):
+        resolve_resume(cfg, str(run))
 
     (checkpoint / "state.json").write_text(json.dumps({"state": {"step": 4}, "config": {}}))
     shard = checkpoint / "dcp" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:64])
-    with pytest.raises(CheckpointError, match="cannot load the model weights of"):
+    with pytest.raises(CheckpointError, match=r"dcp/__0_0.distcp: 64 bytes, expected \d+ \(truncated or changed\)"):
         load_weights(str(checkpoint), model)
 
 
@@ -83,6 +87,9 @@ def test_a_crafted_index_is_refused_before_it_runs_anything(tmp_path):
     model = write_checkpoint(checkpoint, cfg, 4)
     witness = tmp_path / "code-ran"
     (checkpoint / "dcp" / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(str(witness))))
+    with pytest.raises(CheckpointError, match="sha256 mismatch|expected"):  # the checksums catch it first
+        load_weights(str(checkpoint), model)
+    checksums.seal(checkpoint, "checksums.rank0.json")  # a crafter who rewrites the checksums too
     with pytest.raises(CheckpointError, match="refusing"):
         load_weights(str(checkpoint), model)
     assert not witness.exists()
