@@ -1,10 +1,12 @@
 """Never lose work, on a real local Ray with 2 FSDP2 workers (CPU, gloo): a worker killed mid-run, a stop and a
-relaunch, NaN steps, a corrupt checkpoint. Faults come from TIM_RAY_INJECT_FAULTS (tim_ray/train/faults.py).
+relaunch, NaN steps, a corrupt checkpoint, --resume PATH over Ray's registered checkpoint. Faults come from
+TIM_RAY_INJECT_FAULTS (tim_ray/train/faults.py).
 
 The reference is one uninterrupted run; the interrupted runs must end with bit-identical parameters and EMA
 (`torch.equal`) and must have trained on exactly the same samples at every step.
 """
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
 from tim_ray.train.checkpoint import load_weights, read_state
 from tim_ray.train.faults import ENV_VAR
-from tim_ray.train.launch import latest_checkpoint, launch
+from tim_ray.train.launch import RAY_SNAPSHOT, latest_checkpoint, launch
 
 pytestmark = pytest.mark.ray
 
@@ -108,13 +110,55 @@ def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys)
     assert launch(cfg) == 0
     assert_same_training(cfg, reference)
 
-    # A checkpoint whose shard is damaged: a one-line error naming it, exit 1, no retries.
+    # A flipped bit in rank 1's shard of the newest checkpoint, which Ray registered: the run resumes from the
+    # verified checkpoint before it, and its new step-8 checkpoint goes beside the damaged one, not into it.
     latest = Path(latest_checkpoint(cfg))
+    assert latest.name == "checkpoint_00000008"
     shard = latest / "dcp" / "__1_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:100])
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    shard.write_bytes(bytes(damaged))
+    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 2}")) == 0
+    assert starts(cfg)[-1] == STEPS // 2, "did not fall back to the step-4 checkpoint"
+    assert read_state(latest_checkpoint(cfg))[0].step == STEPS + 2
+    assert (latest.parent / "checkpoint_00000008-2").is_dir() and shard.read_bytes() == bytes(damaged)
+
+    # Moving the damaged checkpoint away (Ray still registers it): no traceback, the run continues.
+    shutil.move(latest, tmp_path / "damaged")
     capsys.readouterr()
-    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 2}")) == 1
-    assert f"stopped at step 0: cannot load {latest}" in capsys.readouterr().err
+    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 4}")) == 0
+    assert f"Ray's checkpoint registry names {latest.name}, which is gone" in capsys.readouterr().out
+    assert starts(cfg)[-1] == STEPS + 2 and read_state(latest_checkpoint(cfg))[0].step == STEPS + 4
+
+
+def starts(cfg) -> list[int]:
+    """The step each worker group of the run started at, in order."""
+    events = (Path(cfg.train.output_dir) / cfg.train.name / "events.jsonl").read_text().splitlines()
+    return [e["step"] for e in map(json.loads, events) if e["event"] == "start"]
+
+
+def test_an_explicit_resume_path_wins_over_rays_checkpoint_until_this_launch_writes_one(reference, tmp_path,
+                                                                                       monkeypatch):
+    """A run whose Ray registry ends at step 8, launched with --resume <its step-4 checkpoint>: the first worker
+    group starts at 4. Rank 1 dies at step 10, after this launch's own step-8 checkpoint: the restarted group
+    continues from that one (step 8), not from PATH again."""
+    source = Path(reference.train.output_dir) / reference.train.name
+    run = tmp_path / "explicit"
+    run.mkdir()
+    for name in ("checkpoint_00000004", "checkpoint_00000008"):
+        shutil.copytree(source / name, run / name)
+    shutil.copy(source / RAY_SNAPSHOT, run / RAY_SNAPSHOT)
+    cfg = tiny(tmp_path, "explicit", "train.steps=12")
+    monkeypatch.setenv(ENV_VAR, "crash@10:1")
+    assert launch(cfg, resume=str(run / "checkpoint_00000004")) == 0
+    assert (run / "faults" / "crash@10:1").is_file()
+    assert starts(cfg) == [4, 8]
+    assert read_state(latest_checkpoint(cfg))[0].step == 12
+    # From PATH (step 4) to this launch's step 8 is the reference's own trajectory, bit for bit.
+    ours, theirs = (build_model(cfg.model, in_channels=1, text_dim=None) for _ in range(2))
+    load_weights(str(run / "checkpoint_00000008-2"), ours)
+    load_weights(str(source / "checkpoint_00000008"), theirs)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_nan_steps_are_skipped_and_persistent_nan_stops_at_the_last_good_checkpoint(local_ray, tmp_path,
