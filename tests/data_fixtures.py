@@ -81,7 +81,7 @@ def write_parquet(root: Path, rows: list[Case]) -> dict[str, str]:
                           "label": pa.array(list(range(len(part))), pa.int64())})
         pq.write_table(table, root / f"part-{index}.parquet", row_group_size=3)
     (root / "part-9.parquet").write_bytes(b"PAR1 this file has no footer")
-    return {"part-9.parquet": "unreadable_file"}
+    return {"part-9.parquet#0": "unreadable_file"}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -119,7 +119,7 @@ def write_webdataset(root: Path, rows: list[Case]) -> dict[str, str]:
     write_shard(root / "shard-3.tar", cut, cut_at=4 * 512 + padded_image + 100)  # inside after_cut.png
     (root / "notes.md").write_text("not a shard")
     return {"shard-2.tar/bad_json": "invalid_caption", "shard-2.tar/no_image": "missing_image",
-            "shard-2.tar/no_caption": "missing_caption", "shard-3.tar": "unreadable_file"}
+            "shard-2.tar/no_caption": "missing_caption", "shard-3.tar#1": "unreadable_file"}
 
 
 def write_folder(root: Path, rows: list[Case]) -> dict[str, str]:

@@ -71,9 +71,33 @@ def test_same_generator_same_step():
 
 def test_gradient_accumulation_splits_the_batch():
     parts = micro_batches({"image": torch.arange(8), "label": torch.arange(8)}, 4)
-    assert [p["image"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    with pytest.raises(ValueError, match="does not split"):
-        micro_batches({"image": torch.arange(6)}, 4)
+    assert [p["image"].tolist() for p, _ in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [share for _, share in parts] == [0.25] * 4
+
+
+def test_rejected_rows_leave_uneven_or_empty_micro_batches_weighted_by_rows():
+    parts = micro_batches({"image": torch.arange(7)}, 3)
+    assert [p["image"].tolist() for p, _ in parts] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [share for _, share in parts] == [3 / 7, 2 / 7, 2 / 7]
+    parts = micro_batches({"image": torch.arange(1)}, 3)  # fewer rows than micro-steps: every rank runs 3
+    assert [(p["image"].tolist(), share) for p, share in parts] == [([0], 1.0), ([0], 0.0), ([0], 0.0)]
+    filler = {"image": torch.tensor([9])}
+    assert micro_batches({"image": torch.arange(0)}, 2, filler) == [(filler, 0.0), (filler, 0.0)]
+    with pytest.raises(ValueError, match="filler"):
+        micro_batches({"image": torch.arange(0)}, 2)
+
+
+def test_a_rank_without_rows_contributes_no_gradient():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, in_channels=1, text_dim=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    empty = {k: v[:0] for k, v in fixed_batch().items()}
+    filler = {k: v[:1] for k, v in fixed_batch().items()}
+    result = train_step(model, optimizer, empty, cfg, get_path("otfm"), step_generator(0, 0, 0), filler=filler)
+    assert result.grad_norm == 0.0 and result.metrics == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_ema_with_frozen_weights_follows_the_closed_form():

@@ -81,6 +81,11 @@ class DataConfig:
     caption_dropout: float = 0.1  # probability of replacing a caption by "" (for CFG)
     precomputed: str = ""  # a `tim-ray precompute` output directory; empty = encode on the fly
     max_samples: int = 0  # 0 = all (shapes: 10000); else the first N source rows, good or rejected
+    image_column: str = ""  # parquet: the image column; empty = the first of image, jpg, png, webp, img, image_bytes
+    caption_column: str = ""  # parquet: the caption column; empty = the first of captions, caption, text, txt
+    shuffle_window: int = 8192  # rows per shuffle window: units are permuted, then rows within each window
+    decode_tasks: int = 2  # windows each rank's pipeline decodes at once (Ray tasks)
+    window_cache: int = 4  # windows kept in the object store for all ranks (one read per window)
     seed: int = 0  # of procedural sources (shapes)
     rejects_file: str = "rejects.jsonl"  # relative to the run directory
     min_image_side: int = 8  # images outside these limits are rejected as absurd_size
@@ -399,7 +404,7 @@ def _validate_objective(cfg: Config) -> None:
 def _validate_data(cfg: Config) -> None:
     d = cfg.data
     for key in ("bucket_token_budget", "bucket_multiple", "min_image_side", "max_image_pixels", "encode_actors",
-                "encode_cpus", "encode_batch_size"):
+                "encode_cpus", "encode_batch_size", "shuffle_window", "decode_tasks", "window_cache"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"data.{key} must be > 0, got {getattr(d, key)}")
     for key in ("max_samples", "encode_gpus"):

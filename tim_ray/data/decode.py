@@ -9,14 +9,12 @@ import io
 import warnings
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from tim_ray.data.geometry import Geometry, Limits, fit
 from tim_ray.data.records import (
     ABSURD_SIZE,
     CAPTION_NOT_UTF8,
-    CLEAN_SCHEMA,
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
     EMPTY_IMAGE,
@@ -113,7 +111,8 @@ def _image(raw: bytes | np.ndarray | None, limits: Limits, geometry: Geometry) -
 
 
 def clean_sample(raw: RawSample, geometry: Geometry, limits: Limits) -> dict:
-    """A CLEAN_SCHEMA row: pixels at the bucket size, or an empty row whose `reject` names the reason."""
+    """A clean row {sample_id, key, label, captions, pixels (uint8 bytes), pixels_shape (H, W, C), bucket, scene,
+    reject}: pixels at the bucket size, or an empty row whose `reject` names the reason."""
     row = {"sample_id": raw.sample_id, "key": raw.key, "label": raw.label, "captions": [], "pixels": b"",
            "pixels_shape": [], "bucket": -1, "scene": raw.scene, "reject": raw.reject}
     if raw.reject:
@@ -127,7 +126,3 @@ def clean_sample(raw: RawSample, geometry: Geometry, limits: Limits) -> dict:
     pixels = np.asarray(fit(image, size), dtype=np.uint8).reshape(*size, -1)
     return {**row, "captions": captions, "pixels": pixels.tobytes(), "pixels_shape": list(pixels.shape),
             "bucket": bucket}
-
-
-def clean_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=CLEAN_SCHEMA)

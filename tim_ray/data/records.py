@@ -1,7 +1,7 @@
-"""What a source yields (`RawSample`), what cleaning keeps (`CLEAN_SCHEMA`) and why it rejects a row.
+"""What a source yields (`RawSample`), its stable id, and why a row is rejected.
 
-A rejected row keeps its identity and one reason from `REJECT_REASONS`; `clean.py` writes it to the rejects file and
-counts it. Nothing leaves the pipeline without either a clean row or a reject record.
+A rejected row keeps its identity and one reason from `REJECT_REASONS`; training and precompute write it to a rejects
+file and count it (rejects.py). Nothing leaves the pipeline without either a clean row or a reject record.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from tim_ray.config import ConfigError
 
@@ -58,18 +57,3 @@ def stable_id(key: str) -> int:
     """A 63-bit id from a row's key (its path relative to the source root plus its place in the file): the same
     row gets the same id on every run and machine, whatever order the files are read in."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-# One cleaned row. Good rows have reject == "" and `pixels` holds uint8 (height, width, channels) at the row's
-# bucket size (a tensor column, see tensors.py); rejected rows have empty pixels and no captions.
-CLEAN_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()),
-    ("key", pa.string()),
-    ("label", pa.int64()),
-    ("captions", pa.list_(pa.string())),
-    ("pixels", pa.binary()),
-    ("pixels_shape", pa.list_(pa.int32())),
-    ("bucket", pa.int32()),
-    ("scene", pa.string()),
-    ("reject", pa.string()),
-])

@@ -1,30 +1,44 @@
-"""Groups of cleaned rows -> Ray Data (gather + augment, text encoder, codec) -> one encoded table per group, in
-order; and the conversion of such a table into a training batch.
+"""One rank's batches of one epoch, streamed: windows (read once for all ranks by the WindowCache) -> Ray Data:
+this rank's rows of each global batch taken, decoded, checked, augmented -> text-encoder and codec actor pools ->
+one Arrow table per batch, in order -> `to_batch`.
 
-A group is a list of row positions of one bucket: a rank's share of one global batch (training) or a chunk of
-rows (precompute). Each group travels as its own Ray Data block, never split (target_max_block_size = None), so
-every encoder call sees exactly one group; `preserve_order` keeps the groups in plan order, and `regroup` cuts
-the output back into groups whatever blocks Ray Data hands over.
+Memory is bounded by what is in flight: the windows the cache keeps, `data.decode_tasks` windows being cut into
+batches, and RUN_AHEAD_BYTES of finished batches. Nothing is held per row of the data set.
+
+A batch travels as one Ray Data block, never split (target_max_block_size = None), so every encoder call sees
+exactly one batch; `preserve_order` keeps batches in plan order, and `regroup` cuts the output back into batches
+whatever blocks Ray Data hands over. Each batch table carries its plan: `group` (the epoch position after it, which
+grows along the stream), `global_rows` (its rows over all ranks) and, on its first row, the JSON list of its
+rejected rows. A rank whose rows were all rejected still gets its batch, as one `filler` row that training
+ignores, so every rank runs every step.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
+import torch
 from ray.data import ExecutionResources
 from ray.data._internal.execution.execution_callback import ExecutionCallback
-import torch
 
-from tim_ray.data.encode import EncoderSpec, add_encode_stages, group_runs, unit_range
-from tim_ray.data.order import NOISE, draw, hash64
+from tim_ray.data.decode import clean_sample
+from tim_ray.data.encode import add_encode_stages, group_runs, unit_range
+from tim_ray.data.order import NOISE, PlannedBatch, draw, fixed_batches, hash64, rank_slice, window_batches
+from tim_ray.data.records import RawSample
 from tim_ray.data.tensors import row_tensors, stacked, with_tensor
 
-
 RUN_AHEAD_BYTES = 128 * 2**20
+# Windows per Ray Data execution: an epoch of a huge set runs as several executions of this many windows, so
+# planning an execution never costs more than this many tiny blocks.
+WINDOWS_PER_PIPELINE = 256
+PLAN_COLUMNS = ("group", "global_rows", "filler", "rejects")
 
 
 class IdleBackoff(ExecutionCallback):
@@ -53,35 +67,126 @@ class IdleBackoff(ExecutionCallback):
         self._last = now
 
 
-def plan_blocks(groups: list[np.ndarray]) -> list[pa.Table]:
-    """The plan as one (group, position) table per group."""
-    return [pa.table({"group": np.full(len(positions), index, dtype=np.int64),
-                      "position": np.asarray(positions, dtype=np.int64)}) for index, positions in enumerate(groups)]
+def _raw_sample(row: dict) -> RawSample:
+    image = row["image"]
+    if row["image_shape"]:
+        image = np.frombuffer(image, dtype=np.uint8).reshape(row["image_shape"])
+    return RawSample(sample_id=row["sample_id"], key=row["key"], image=image, captions=row["captions"] or None,
+                     label=row["label"], scene=row["scene"], reject=row["reject"])
 
 
-def gather_rows(plan: pa.Table, clean: pa.Table, seed: int, epoch: int, hflip: bool,
-                caption_dropout: float) -> pa.Table:
-    """The planned rows of the clean table with this epoch's caption pick, caption dropout and flips applied."""
-    rows = clean.take(plan["position"])
-    sample_ids = rows["sample_id"].to_numpy()
-    captions = rows["captions"].to_pylist()
-    draws = draw(sample_ids, np.array([len(c) for c in captions]), seed, epoch, hflip, caption_dropout)
-    caption = ["" if drop else options[pick] for options, drop, pick in zip(captions, draws.drop, draws.caption)]
+def _plan_columns(table: pa.Table, batch: PlannedBatch, rejects: list[dict], filler: bool) -> pa.Table:
+    rows = table.num_rows
+    return (table.append_column("group", pa.array(np.full(rows, batch.after, dtype=np.int64)))
+            .append_column("global_rows", pa.array(np.full(rows, len(batch.positions), dtype=np.int64)))
+            .append_column("filler", pa.array(np.full(rows, filler)))
+            .append_column("rejects", pa.array([json.dumps(rejects)] + [""] * (rows - 1), pa.string())))
+
+
+def clean_batch(rows: pa.Table, data, epoch: int) -> tuple[pa.Table, list[dict]]:
+    """Raw rows -> (decoded, checked and augmented rows, reject records). Caption pick, caption dropout and flips
+    are this epoch's draws for each sample id (order.draw), the codec noise seed a hash of (seed, epoch, id)."""
+    good, rejects = [], []
+    for row in rows.to_pylist():
+        clean = clean_sample(_raw_sample(row), data.geometry, data.limits)
+        if clean["reject"]:
+            rejects.append({"source": data.source.name, "id": row["key"], "sample_id": row["sample_id"],
+                            "reason": clean["reject"], "epoch": epoch})
+        else:
+            good.append(clean)
+    if not good:
+        return None, rejects
+    ids = np.array([r["sample_id"] for r in good], dtype=np.int64)
+    draws = draw(ids, np.array([len(r["captions"]) for r in good]), data.seed, epoch, data.hflip,
+                 data.caption_dropout)
     out = pa.table({
-        "group": plan["group"],
-        "sample_id": rows["sample_id"],
-        "label": rows["label"],
-        "bucket": rows["bucket"],
-        "caption": pa.array(caption, pa.string()),
-        "noise_seed": (hash64(sample_ids, seed, epoch, NOISE) >> np.uint64(1)).astype(np.int64),
+        "sample_id": ids,
+        "key": pa.array([r["key"] for r in good], pa.string()),
+        "scene": pa.array([r["scene"] for r in good], pa.string()),
+        "label": np.array([r["label"] for r in good], dtype=np.int64),
+        "bucket": np.array([r["bucket"] for r in good], dtype=np.int32),
+        "caption": pa.array(["" if drop else r["captions"][pick] for r, drop, pick in
+                             zip(good, draws.drop, draws.caption)], pa.string()),
+        "noise_seed": (hash64(ids, data.seed, epoch, NOISE) >> np.uint64(1)).astype(np.int64),
     })
-    pixels = row_tensors(rows, "pixels")
-    return with_tensor(out, "pixels", [p[:, ::-1] if flip else p for p, flip in zip(pixels, draws.flip)])
+    pixels = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(r["pixels_shape"]) for r in good]
+    return with_tensor(out, "pixels", [p[:, ::-1] if f else p for p, f in zip(pixels, draws.flip)]), rejects
 
 
-def _gather_from_store(plan: pa.Table, table_ref: ray.ObjectRef, **kwargs) -> pa.Table:
-    """gather_rows in a Ray worker: the clean table comes from the object store (zero-copy), not with each task."""
-    return gather_rows(plan, ray.get(table_ref), **kwargs)
+def filler_row(data) -> pa.Table:
+    """One blank row (black image, empty caption) standing for a batch whose rows were all rejected."""
+    height, width = data.geometry.sizes[0]
+    out = pa.table({"sample_id": np.array([-1], dtype=np.int64), "key": pa.array([""], pa.string()),
+                    "scene": pa.array([""], pa.string()), "label": np.zeros(1, dtype=np.int64),
+                    "bucket": np.zeros(1, dtype=np.int32), "caption": pa.array([""], pa.string()),
+                    "noise_seed": np.zeros(1, dtype=np.int64)})
+    return with_tensor(out, "pixels", [np.zeros((height, width, data.geometry.channels), dtype=np.uint8)])
+
+
+def augment_precomputed(rows: pa.Table, data, epoch: int) -> pa.Table:
+    """Precomputed rows with this epoch's flips (the stored flipped latents, or mirrored pixels) and caption
+    dropout (the stored encoding of "")."""
+    ids = rows["sample_id"].to_numpy()
+    draws = draw(ids, np.ones(len(ids)), data.seed, epoch, data.hflip, data.caption_dropout)
+    keep = ["sample_id", "label", "bucket"]
+    out = rows.select(keep)
+    if "pixels" in rows.column_names:
+        pixels = row_tensors(rows, "pixels")
+        out = with_tensor(out, "pixels", [p[:, ::-1] if f else p for p, f in zip(pixels, draws.flip)])
+    else:
+        images = row_tensors(rows, "image")
+        mirrored = (row_tensors(rows, "image_flipped") if "image_flipped" in rows.column_names
+                    else [image[..., ::-1] for image in images])
+        out = with_tensor(out, "image", [m if f else i for i, m, f in zip(images, mirrored, draws.flip)])
+    if "text" in rows.column_names:
+        text, mask = row_tensors(rows, "text"), row_tensors(rows, "text_mask")
+        if data.null_text is not None:
+            text = [data.null_text[0] if d else t for t, d in zip(text, draws.drop)]
+            mask = [data.null_text[1] if d else m for m, d in zip(mask, draws.drop)]
+        out = with_tensor(with_tensor(out, "text", text), "text_mask", mask)
+    return out
+
+
+def _take(layout, window_table, positions: np.ndarray) -> pa.Table:
+    """The rows at these flat positions, in order (positions are increasing, so their windows are too)."""
+    windows, local = layout.locate(positions)
+    return pa.concat_tables([window_table(int(w)).take(local[windows == w]) for w in np.unique(windows)])
+
+
+def window_groups(item: pa.Table, *, data, epoch: int, start: int, global_batch: int | None, rank: int,
+                  world: int, cache) -> Iterator[pa.Table]:
+    """Ray Data map: a window index -> this rank's share of each global batch that starts in that window."""
+    window = item["window"][0].as_py()
+    layout = data.layout(epoch)
+    tables: dict[int, pa.Table] = {}
+
+    def window_table(w: int) -> pa.Table:
+        if w not in tables:
+            tables[w] = ray.get(ray.get(cache.window.remote(epoch, w))[0])
+        return tables[w]
+
+    if global_batch is not None:
+        planned = fixed_batches(layout, start, global_batch, window=window)
+    else:
+        buckets = window_table(window)["bucket"].to_numpy()
+        planned = [b for b in window_batches(layout, window, buckets, data.bucket_batch_sizes) if b.after > start]
+    for batch in planned:
+        rows = _take(layout, window_table, rank_slice(batch.positions, rank, world))
+        if data.precomputed:
+            yield _plan_columns(augment_precomputed(rows, data, epoch), batch, [], False)
+            continue
+        table, rejects = clean_batch(rows, data, epoch)
+        yield _plan_columns(filler_row(data) if table is None else table, batch, rejects, table is None)
+
+
+def _configure(ds: ray.data.Dataset) -> None:
+    ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = None  # a block is one batch: keep it whole however large
+    ds.context.enable_progress_bars = False
+    # Run at most this far ahead of training: unbounded, the pipeline encodes a whole epoch into the object store
+    # at once and competes with the training step for the CPU (seen on the quickstart: 1.7 GiB, 3x slower steps).
+    ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=RUN_AHEAD_BYTES)
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
 
 
 def regroup(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
@@ -92,37 +197,53 @@ def regroup(blocks: Iterator[pa.Table]) -> Iterator[pa.Table]:
             continue
         table = pa.concat_tables([pending, block]) if pending is not None else block
         runs = group_runs(table)
-        for start, stop in runs[:-1]:
-            yield table.slice(start, stop - start)
+        for begin, stop in runs[:-1]:
+            yield table.slice(begin, stop - begin)
         pending = table.slice(runs[-1][0])  # the last group may go on in the next block
     if pending is not None:
         yield pending
 
 
-def encoded_groups(table: pa.Table, groups: list[np.ndarray], encoders: EncoderSpec, *, seed: int, epoch: int,
-                   hflip: bool, caption_dropout: float, with_flipped: bool = False) -> Iterator[pa.Table]:
-    """Each group of `table` (clean rows) gathered, augmented and encoded by Ray Data, one table per group."""
-    if not groups:
-        return
-    ds = ray.data.from_arrow(plan_blocks(groups))
-    ds.context.execution_options.preserve_order = True
-    ds.context.target_max_block_size = None  # a block is one group: keep it whole however large
-    ds.context.enable_progress_bars = False
-    # Run at most this far ahead of training: unbounded, the pipeline encodes a whole epoch into the object store
-    # at once and competes with the training step for the CPU (seen on the quickstart: 1.7 GiB, 3x slower steps).
-    ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=RUN_AHEAD_BYTES)
-    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
-    ds = ds.map_batches(_gather_from_store, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"table_ref": ray.put(table), "seed": seed, "epoch": epoch, "hflip": hflip,
-                                   "caption_dropout": caption_dropout})
-    ds = add_encode_stages(ds, encoders, with_flipped)
-    yield from regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+def rank_stream(data, epoch: int, start: int, global_batch: int | None, rank: int, world: int,
+                cache) -> Iterator[pa.Table]:
+    """This rank's batch tables for the rest of `epoch` after `start` samples, in order (see module docstring).
+    global_batch: rows per step of fixed-size data; None for aspect buckets (sized by the token budget)."""
+    layout = data.layout(epoch)
+    first = int(layout.window_of(start)) if start < layout.num_rows else layout.num_windows
+    for chunk in range(first, layout.num_windows, WINDOWS_PER_PIPELINE):
+        windows = list(range(chunk, min(chunk + WINDOWS_PER_PIPELINE, layout.num_windows)))
+        ds = ray.data.from_items([{"window": w} for w in windows], override_num_blocks=len(windows))
+        _configure(ds)
+        ds = ds.map_batches(window_groups, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.TaskPoolStrategy(size=data.decode_tasks),
+                            fn_kwargs={"data": data, "epoch": epoch, "start": start, "global_batch": global_batch,
+                                       "rank": rank, "world": world, "cache": cache})
+        if not data.precomputed:
+            ds = add_encode_stages(ds, data.encoders)
+        yield from regroup(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
-def to_batch(table: pa.Table) -> dict[str, torch.Tensor]:
-    """The training batch of one group (see tim_ray.data for the format). Pixels become [-1, 1] channels-first;
-    without text features (class conditioning) text is (B, 0, 0) and text_mask (B, 0)."""
+@dataclass
+class BatchPlan:
+    """What came with a batch besides its tensors."""
+
+    global_rows: int  # rows planned for this step over all ranks (rejects included)
+    after: int  # epoch samples consumed after this step
+    rejects: list[dict]
+
+
+def to_batch(table: pa.Table) -> tuple[dict[str, torch.Tensor], BatchPlan]:
+    """The training batch of one batch table (see tim_ray.data for the format), and its plan. Pixels become
+    [-1, 1] channels-first; without text features (class conditioning) text is (B, 0, 0) and text_mask (B, 0).
+    A filler row gives a batch of 0 rows."""
+    plan = BatchPlan(global_rows=int(table["global_rows"][0].as_py()), after=int(table["group"][0].as_py()),
+                     rejects=json.loads(table["rejects"][0].as_py() or "[]"))
+    table = table.filter(pc.invert(table["filler"]))
     rows = table.num_rows
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return {"image": torch.zeros(0), "text": torch.zeros(0, 0, 0), "text_mask": torch.zeros(0, 0, dtype=torch.bool),
+                "label": empty, "sample_id": empty}, plan
     image = (torch.from_numpy(stacked(table, "image")) if "image" in table.column_names
              else unit_range(stacked(table, "pixels")))
     if "text" in table.column_names:
@@ -131,4 +252,4 @@ def to_batch(table: pa.Table) -> dict[str, torch.Tensor]:
         text, text_mask = torch.zeros(rows, 0, 0), torch.zeros(rows, 0, dtype=torch.bool)
     return {"image": image, "text": text, "text_mask": text_mask,
             "label": torch.from_numpy(table["label"].to_numpy().astype(np.int64)),
-            "sample_id": torch.from_numpy(table["sample_id"].to_numpy().astype(np.int64))}
+            "sample_id": torch.from_numpy(table["sample_id"].to_numpy().astype(np.int64))}, plan

@@ -117,6 +117,14 @@ class RunLog:
         self._say(f"samples at NFE {nfe_list} ({'EMA' if ema else 'raw'} weights): {out}")
         self._event("samples", step=state.step, path=str(out), nfe=nfe_list)
 
+    def epoch_rejects(self, epoch: int, counts: dict[str, int], step: int) -> None:
+        """An epoch's rejected rows over all ranks, by reason: a line, an event and MLflow metrics."""
+        total = sum(counts.values())
+        self._say(f"epoch {epoch} done at step {step}: {total} rejected rows{f' {json.dumps(counts)}' if total else ''}")
+        self._event("epoch_rejects", step=step, epoch=epoch, rejected=total, by_reason=counts)
+        self.tracker.log_metrics({"data.epoch_rejected": total,
+                                  **{f"data.epoch_rejected.{reason}": n for reason, n in counts.items()}}, step=step)
+
     def finish(self, state, data_report: dict | None = None, outcome: str = "finished") -> None:
         if data_report:
             self._say(f"data: {json.dumps(data_report)}")

@@ -23,7 +23,12 @@ def model_inputs(cfg: Config) -> tuple[int, int | None]:
 
 
 def describe_plan(cfg: Config, start_from: str | None, address: str | None) -> str:
+    """The plan; the data source is opened (listed and counted from metadata), so a missing path or a missing
+    column is the same one-line error as in a real run."""
+    from tim_ray.data.batches import open_training_data
     from tim_ray.models.registry import build_model, count_parameters
+
+    data = open_training_data(cfg)
 
     in_channels, text_dim = model_inputs(cfg)
     n_params = count_parameters(build_model(cfg.model, in_channels, text_dim, device="meta"))
@@ -49,7 +54,7 @@ def describe_plan(cfg: Config, start_from: str | None, address: str | None) -> s
         f"cpus_per_worker={cfg.ray.cpus_per_worker}) on {target}",
         f"data:          {cfg.data.source} {cfg.data.path or '(default location)'}, split {cfg.data.split}, "
         f"{cfg.data.height}x{cfg.data.width}" + (f", precomputed {cfg.data.precomputed}" if cfg.data.precomputed
-                                                 else ""),
+                                                 else "") + f": {data.describe()}",
         f"steps:         {cfg.train.steps}, checkpoint every {cfg.checkpoint.every}, samples every "
         f"{cfg.train.eval_every} at NFE {cfg.eval.nfe}",
         f"run directory: {run_dir_of(cfg)}; checkpoints under {storage_root(cfg)}/{cfg.train.name}",

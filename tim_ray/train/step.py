@@ -34,22 +34,34 @@ def conditioning(batch: dict, cfg: Config, generator: torch.Generator) -> dict:
     return {"y": torch.where(drop.to(labels.device), torch.full_like(labels, cfg.model.num_classes), labels)}
 
 
-def micro_batches(batch: dict, count: int) -> list[dict]:
-    """Split every tensor of `batch` along dim 0 into `count` equal parts (gradient accumulation)."""
+def micro_batches(batch: dict, count: int, filler: dict | None = None) -> list[tuple[dict, float]]:
+    """`count` (micro-batch, its share of the batch's rows) pairs for gradient accumulation: the rows split along
+    dim 0 into parts whose sizes differ by at most one. Rejected rows can leave a rank fewer rows than micro-steps,
+    or none; an empty part is `filler` (a 1-row batch, default the batch's first row) with share 0, so that every
+    rank still runs every forward and backward that the sharded model's collectives expect."""
     size = len(batch["image"])
-    if size % count:
-        raise ValueError(f"batch of {size} does not split into train.grad_accum={count} micro-batches")
-    step = size // count
-    return [{k: v[i * step:(i + 1) * step] for k, v in batch.items()} for i in range(count)]
+    if size == 0 and filler is None:
+        raise ValueError("an empty batch needs a filler row")
+    parts = []
+    for i in range(count):
+        part = {k: v.tensor_split(count)[i] for k, v in batch.items()}
+        rows = len(part["image"])
+        if rows:
+            parts.append((part, rows / size))
+        else:
+            parts.append((filler if filler is not None else {k: v[:1] for k, v in batch.items()}, 0.0))
+    return parts
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Config, path: TransitionPath,
-               generator: torch.Generator, autocast_dtype: torch.dtype = torch.float32) -> StepResult:
-    """Forward + backward over `train.grad_accum` micro-batches, clip, and step unless anything is non-finite."""
+               generator: torch.Generator, autocast_dtype: torch.dtype = torch.float32,
+               filler: dict | None = None) -> StepResult:
+    """Forward + backward over `train.grad_accum` micro-batches, clip, and step unless anything is non-finite.
+    The loss is the mean over the batch's rows (micro-batch means weighted by their rows); a rank with no rows
+    (all rejected) runs `filler` with weight 0."""
     optimizer.zero_grad(set_to_none=True)
     parts: dict[str, list[float]] = {}
-    chunks = micro_batches(batch, cfg.train.grad_accum)
-    for chunk in chunks:
+    for chunk, share in micro_batches(batch, cfg.train.grad_accum, filler):
         x = chunk["image"]
         z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
         times = sample_intervals(len(x), path, cfg.transition, generator, device=x.device)
@@ -58,9 +70,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
             out = transition_loss(model, x, z, times.t, times.r, cond, path=path, config=cfg.transition)
         # Backward even through a non-finite loss: under FSDP every rank must join the gradient reduction, and the
         # NaN it spreads makes the global gradient norm non-finite on every rank, so all ranks skip together.
-        (out.loss / len(chunks)).backward()
-        for name, value in out.metrics().items():
-            parts.setdefault(name, []).append(value)
+        (out.loss * share).backward()
+        if share:
+            for name, value in out.metrics().items():
+                parts.setdefault(name, []).append(value)
     grad_norm = _full(nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
     # A row type absent from a micro-batch has a NaN mean; average over the micro-batches that had it.
     metrics = {name: _nanmean(values) for name, values in parts.items()}

@@ -30,6 +30,7 @@ class FileSet:
     location: str  # what the user gave (re-resolved in each Ray worker: filesystems are cheap to rebuild)
     root: str  # the directory keys are relative to, inside the filesystem
     keys: tuple[str, ...]  # sorted paths relative to root
+    sidecars: frozenset[str] = frozenset()  # other files found beside them (e.g. img2dataset's stats)
 
     def filesystem(self) -> pafs.FileSystem:
         return resolve(self.location)[0]
@@ -48,8 +49,9 @@ def _listing(fs: pafs.FileSystem, directory: str) -> list[str]:
     return [info.path for info in infos if info.type == pafs.FileType.File]
 
 
-def list_files(location: str, extensions: tuple[str, ...]) -> FileSet:
-    """The files under `location` (directory, file or glob) whose names end in one of `extensions`."""
+def list_files(location: str, extensions: tuple[str, ...], sidecars: tuple[str, ...] = ()) -> FileSet:
+    """The files under `location` (directory, file or glob) whose names end in one of `extensions`, and those
+    ending in one of `sidecars` (listed in the same pass)."""
     fs, path = resolve(location)
     if any(c in path for c in GLOB_CHARS):
         parts = path.split("/")
@@ -62,8 +64,9 @@ def list_files(location: str, extensions: tuple[str, ...]) -> FileSet:
             raise DataError(f"data.path '{location}' does not exist")
         root = path.rsplit("/", 1)[0] if info.type == pafs.FileType.File else path.rstrip("/")
         paths = [path] if info.type == pafs.FileType.File else _listing(fs, root)
-    keys = sorted(p[len(root):].lstrip("/") for p in paths)
-    keys = [k for k in keys if _visible(k) and k.lower().endswith(tuple(f".{e}" for e in extensions))]
+    relative = sorted(p[len(root):].lstrip("/") for p in paths)
+    keys = [k for k in relative if _visible(k) and k.lower().endswith(tuple(f".{e}" for e in extensions))]
     if not keys:
         raise DataError(f"no {'/'.join(extensions)} files found at data.path '{location}'")
-    return FileSet(location=location, root=root, keys=tuple(keys))
+    extra = frozenset(k for k in relative if sidecars and k.endswith(sidecars))
+    return FileSet(location=location, root=root, keys=tuple(keys), sidecars=extra)

@@ -51,10 +51,11 @@ class FolderSource:
 
     def units(self) -> list[dict]:
         chunks = [self.images[i:i + IMAGES_PER_UNIT] for i in range(0, len(self.images), IMAGES_PER_UNIT)]
-        units = [{"images": chunk, "captions": {k: self.jsonl_captions.get(k) for k in chunk}, "invalid": []}
-                 for chunk in chunks]
+        units = [{"name": chunk[0], "rows": len(chunk), "images": chunk,
+                  "captions": {k: self.jsonl_captions.get(k) for k in chunk}, "invalid": []} for chunk in chunks]
         if self.invalid_lines:
-            units.append({"images": [], "captions": {}, "invalid": self.invalid_lines})
+            units.append({"name": CAPTIONS_FILE, "rows": len(self.invalid_lines), "images": [], "captions": {},
+                          "invalid": self.invalid_lines})
         return units
 
     def _sidecar(self, image_key: str) -> str | None:

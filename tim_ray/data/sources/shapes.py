@@ -167,10 +167,11 @@ class ShapesSource:
         self.count = max_samples or DEFAULT_COUNT
 
     def units(self) -> list[dict]:
-        return [{"start": s, "stop": min(s + ROWS_PER_UNIT, self.count)} for s in range(0, self.count, ROWS_PER_UNIT)]
+        return [{"name": f"shapes/{self.seed}", "first_row": s, "rows": min(ROWS_PER_UNIT, self.count - s)}
+                for s in range(0, self.count, ROWS_PER_UNIT)]
 
     def read(self, unit: dict) -> Iterator[RawSample]:
-        for index in range(unit["start"], unit["stop"]):
+        for index in range(unit["first_row"], unit["first_row"] + unit["rows"]):
             spec = scene(self.seed, index, self.sizes)
             yield RawSample(sample_id=index, key=f"shapes/{self.seed}/{index}", image=render(spec),
                             captions=captions_of(spec), scene=json.dumps(spec, sort_keys=True))

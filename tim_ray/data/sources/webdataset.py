@@ -3,7 +3,12 @@
 The image is the first member with an image extension; the caption is the `.txt` member, else the `caption`,
 `captions` or `text` field of the `.json` member (whose optional int `label` is kept). Read with Python's tarfile
 (streaming, any pyarrow filesystem), so a corrupt member is one rejected sample; a shard cut short yields one
-`unreadable_file` record after the samples before the cut. A row's key is "<shard>/<sample key>".
+`unreadable_file` record per missing sample after the samples before the cut. A row's key is
+"<shard>/<sample key>".
+
+A unit is one shard. Its sample count is metadata: img2dataset's "<shard>_stats.json" ("successes") beside it when
+present, else a scan of the shard's member headers (a sequential read of the shard: give object-store corpora
+their stats files).
 """
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ import json
 import tarfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from tim_ray.data.records import CAPTION_NOT_UTF8, INVALID_CAPTION, UNREADABLE_FILE, RawSample, stable_id
+from tim_ray.data.records import CAPTION_NOT_UTF8, INVALID_CAPTION, RawSample, stable_id
 from tim_ray.data.sources.filesystem import FileSet, list_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_EXTENSIONS = ("tar", "tar.gz", "tgz")
 CAPTION_FIELDS = ("captions", "caption", "text")
+STATS_SUFFIX = "_stats.json"
+COUNT_THREADS = 32
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -62,16 +70,47 @@ def metadata_fields(parts: dict[str, bytes]) -> tuple[object, int, str]:
     return captions, label if isinstance(label, int) else -1, ""
 
 
+def _shard_stem(shard: str) -> str:
+    for extension in SHARD_EXTENSIONS:
+        if shard.endswith(f".{extension}"):
+            return shard[:-len(extension) - 1]
+    return shard
+
+
 class WebDatasetSource:
     name = "webdataset"
 
     def __init__(self, path: str):
-        self.files: FileSet = list_files(path, SHARD_EXTENSIONS)
+        self.files: FileSet = list_files(path, SHARD_EXTENSIONS, sidecars=(STATS_SUFFIX,))
 
-    def units(self) -> list[str]:
-        return list(self.files.keys)
+    def _count(self, shard: str) -> int:
+        """Samples in a shard: its img2dataset stats, else a scan of its members (0 if it cannot be read)."""
+        stats = _shard_stem(shard) + STATS_SUFFIX
+        if stats in self.files.sidecars:
+            try:
+                with self.files.filesystem().open_input_stream(self.files.full_path(stats)) as f:
+                    return int(json.loads(f.read())["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a broken stats file: count the shard itself
+        count = 0
+        try:
+            with self.files.filesystem().open_input_stream(self.files.full_path(shard)) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*") as tar:
+                key = None
+                for member in tar:
+                    if member.isfile() and split_member(member.name)[0] != key:
+                        key, count = split_member(member.name)[0], count + 1
+        except (tarfile.TarError, EOFError, zlib.error, OSError):
+            count = max(count, 1)  # the sample being read, or the whole shard, is one `unreadable_file` row
+        return count
 
-    def read(self, shard: str) -> Iterator[RawSample]:
+    def units(self) -> list[dict]:
+        with ThreadPoolExecutor(COUNT_THREADS) as pool:
+            counts = list(pool.map(self._count, self.files.keys))
+        return [{"name": shard, "rows": rows} for shard, rows in zip(self.files.keys, counts) if rows]
+
+    def read(self, unit: dict) -> Iterator[RawSample]:
+        shard = unit["name"]
         stream = self.files.filesystem().open_input_stream(self.files.full_path(shard))
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -82,6 +121,6 @@ class WebDatasetSource:
                     yield RawSample(sample_id=stable_id(row_key), key=row_key, image=image, captions=captions,
                                     label=label, reject=reject)
         except (tarfile.TarError, EOFError, zlib.error, OSError):
-            yield RawSample(sample_id=stable_id(shard), key=shard, image=None, captions=None, reject=UNREADABLE_FILE)
+            return  # the window reader names the missing samples `unreadable_file`
         finally:
             stream.close()
