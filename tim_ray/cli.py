@@ -1,6 +1,7 @@
 """`tim-ray`: the command line. Each subcommand parses its arguments and hands over to the module that does the work.
 
-Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure.
+Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure (a damaged or
+incomplete checkpoint or export is one line on stderr too).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import sys
 
 from tim_ray.config import ConfigError, Derived, dump_toml, load_config
+from tim_ray.train.checksums import CheckpointError
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
@@ -58,11 +60,12 @@ def cmd_train(args) -> int:
 
 def cmd_precompute(args) -> int:
     cfg, _ = _resolve(args)
-    from tim_ray.data.precompute import run_precompute
+    from tim_ray.data.precompute import prepare_precompute, run_precompute
     from tim_ray.train.launch import start_ray
 
-    print(f"tim-ray precompute: {start_ray(cfg, args.address)}", flush=True)
-    manifest = run_precompute(cfg, args.out)
+    data = prepare_precompute(cfg, args.out)  # before Ray starts: a bad source fails in seconds, writes nothing
+    print(f"tim-ray precompute: {data.describe()}; {start_ray(cfg, args.address)}", flush=True)
+    manifest = run_precompute(cfg, args.out, data=data)
     print(f"tim-ray precompute: wrote {args.out} ({manifest['rows']} rows); train on it with "
           f"data.precomputed={args.out}")
     return 0
@@ -308,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"tim-ray: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except CheckpointError as exc:
+        print(f"tim-ray: error: {exc}", file=sys.stderr)
+        return RUNTIME_ERROR
     except KeyboardInterrupt:
         print("tim-ray: interrupted", file=sys.stderr)
         return 130

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
-from tim_ray.train.checkpoint import CheckpointError, read_state
+from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, read_state
+from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, verify_checkpoint
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
 from tim_ray.train.stop import ProgressBar, new_run_control, on_stop_signals
 
@@ -31,37 +33,67 @@ def storage_root(cfg: Config) -> str:
     return cfg.ray.storage_path or str(Path(cfg.train.output_dir).resolve())
 
 
+def _local_run_storage(cfg: Config) -> Path | None:
+    """Where Ray Train persists this run's checkpoints, when that is a local (or mounted) path."""
+    return None if "://" in storage_root(cfg) else Path(storage_root(cfg)) / cfg.train.name
+
+
 def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest checkpoint Ray registered for this run name on local storage, if any. Ray registers a
-    checkpoint only once every rank's files are persisted, so a directory left half-written by a crash is not in
-    its snapshot and is never picked (Ray's own restore reads the same snapshot)."""
-    snapshot = Path(storage_root(cfg)) / cfg.train.name / RAY_SNAPSHOT
-    if "://" in storage_root(cfg) or not snapshot.is_file():
-        return None
+    """The checkpoint this run continues from with --resume auto: its newest complete and verified checkpoint on
+    local storage, registered by Ray or not (tim_ray.train.checkpoints_on_disk, the rule that sample, eval and
+    export share); None if there is none, or the storage is remote."""
+    run = _local_run_storage(cfg)
+    found = newest_verified(run) if run is not None else None
+    return str(found) if found else None
+
+
+def _registered(cfg: Config) -> list[str]:
+    """The checkpoint directory names in Ray's registry of this run (its checkpoint manager snapshot)."""
+    run = _local_run_storage(cfg)
+    snapshot = run / RAY_SNAPSHOT if run is not None else None
+    if snapshot is None or not snapshot.is_file():
+        return []
     try:
-        registered = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ResumeError(f"{snapshot} is corrupt ({exc}); move it away to start the run afresh") from None
-    done = sorted(snapshot.parent / name for name in registered if (snapshot.parent / name).is_dir())
-    return str(done[-1]) if done else None
+        raise ResumeError(f"{snapshot} is corrupt ({exc}); move it away (the run then continues from its newest "
+                          f"verified checkpoint)") from None
 
 
 def resolve_resume(cfg: Config, resume: str) -> str | None:
-    """`auto`: continue this run from its latest checkpoint (Ray finds it); `never`: refuse an existing run;
-    PATH: start from that checkpoint. Returns the explicit checkpoint to start from, if any."""
-    existing = latest_checkpoint(cfg)
+    """`auto`: continue this run from its newest verified checkpoint (the worker finds it); `never`: refuse a run
+    that has checkpoint directories; PATH: start from that checkpoint, verified here (CheckpointError, exit 1, if
+    its files do not match their checksums). Returns the explicit checkpoint to start from, if any."""
+    _registered(cfg)  # a corrupt registry would fail inside Ray with a traceback: one line here instead
     if resume == "auto":
         return None
     if resume == "never":
+        run = _local_run_storage(cfg)
+        existing = checkpoint_dirs(run) if run is not None else []
         if existing:
-            raise ResumeError(f"run '{cfg.train.name}' already has checkpoints ({existing}); use --resume auto to "
-                              f"continue it or choose another train.name")
+            raise ResumeError(f"run '{cfg.train.name}' already has checkpoints ({existing[0]}); use --resume auto "
+                              f"to continue it or choose another train.name")
         return None
-    try:
-        read_state(resume)
-    except CheckpointError as exc:
-        raise ResumeError(str(exc)) from None
-    return str(Path(resume).resolve())
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file() or not (path / DCP_DIR).is_dir():
+        raise ResumeError(f"--resume {resume}: not a tim-ray checkpoint directory (no {STATE_FILE} or {DCP_DIR}/)")
+    verify_checkpoint(path)  # a changed, truncated or missing file: CheckpointError naming it
+    read_state(str(path))
+    return str(path.resolve())
+
+
+def set_aside_stale_registry(cfg: Config) -> str | None:
+    """If Ray's registry names a checkpoint directory that is gone (a damaged one moved away), Ray would refuse to
+    start the run (CheckpointManagerInitializationError). Rename the registry aside instead, so the run continues
+    from its newest verified checkpoint on disk. Returns a line saying what was done, or None."""
+    run = _local_run_storage(cfg)
+    gone = [name for name in _registered(cfg) if not (run / name).is_dir()]
+    if not gone:
+        return None
+    aside = run / f"{RAY_SNAPSHOT}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    (run / RAY_SNAPSHOT).rename(aside)
+    return (f"Ray's checkpoint registry names {', '.join(gone)}, which is gone; set it aside as {aside.name} (the "
+            f"run continues from its newest verified checkpoint; Ray's checkpoint.keep counts from there)")
 
 
 def scaling_config(cfg: Config):
@@ -118,19 +150,19 @@ def start_ray(cfg: Config, address: str | None) -> str:
 def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int:
     import ray.train
 
-    from tim_ray.data.batches import load_training_data
+    from tim_ray.data.batches import open_training_data
 
     start_from = resolve_resume(cfg, resume)
+    if (set_aside := set_aside_stale_registry(cfg)) is not None:
+        print(f"tim-ray train: {set_aside}", flush=True)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     resuming = latest_checkpoint(cfg) is not None
-    where = start_ray(cfg, address)
-    print(f"tim-ray train: {where}; preparing data ({cfg.data.source})", flush=True)
-    data = load_training_data(cfg, run_dir)
-    rejected = data.reject_counts()
-    print(f"tim-ray train: {data.num_rows} usable rows, {sum(rejected.values())} rejected {rejected or ''}"
-          f"{f' (listed in {run_dir / cfg.data.rejects_file})' if rejected else ''}", flush=True)
+    data = open_training_data(cfg)  # metadata only, before Ray starts: a bad path or column fails in seconds
+    print(f"tim-ray train: {data.describe()}; rejected rows are counted as they stream (listed in "
+          f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
+    print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
     tracker = Tracker.for_run_dir(cfg, run_dir, resuming)
     derived = Derived.of(cfg)
     print(f"tim-ray train:\n  run directory: {run_dir}\n  checkpoints:   {storage_root(cfg)}/{cfg.train.name}"
@@ -142,14 +174,14 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     on_stop_signals(control)
     trainer = build_trainer(cfg, run_dir, tracker, data, start_from=start_from, control=control,
                             faults=os.environ.get(FAULTS_ENV, ""))
-    progress = ProgressBar(control, _step_of(latest_checkpoint(cfg) or start_from), cfg.train.steps) \
+    progress = ProgressBar(control, _step_of(start_from or latest_checkpoint(cfg)), cfg.train.steps) \
         if sys.stdout.isatty() else None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         tracker.finish("FAILED")
         print(f"tim-ray train: failed after {cfg.ray.max_failures} restart(s): {_root_cause(exc)}\n"
-              f"  checkpoints: {latest_checkpoint(cfg) or 'none'} (run the same command to resume)",
+              f"  newest verified checkpoint: {latest_checkpoint(cfg) or 'none'} (run the same command to resume)",
               file=sys.stderr, flush=True)
         return 1
     finally:
@@ -159,8 +191,9 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     last = result.checkpoint.path if result.checkpoint else "none"
     if outcome["status"] in ("nonfinite", "bad_checkpoint"):
         tracker.finish("FAILED")
-        print(f"tim-ray train: stopped at step {outcome['step']}: {outcome['message']}\n"
-              f"  last good checkpoint: {last}", file=sys.stderr, flush=True)
+        what = "could not resume" if outcome["status"] == "bad_checkpoint" else f"stopped at step {outcome['step']}"
+        print(f"tim-ray train: {what}: {outcome['message']}\n"
+              f"  newest verified checkpoint: {latest_checkpoint(cfg) or 'none'}", file=sys.stderr, flush=True)
         return 1
     tracker.finish("KILLED" if outcome["status"] == "stopped" else "FINISHED")
     if outcome["status"] == "stopped":

@@ -52,15 +52,47 @@ def build_worker_model(cfg: Config, in_channels: int, text_dim: int | None, devi
 
 
 def _resume(loop_config: dict, model, optimizer, ema, world: int) -> TrainState:
+    """Load where this worker group starts: checkpoints_on_disk.resume_point (the newest verified checkpoint on
+    disk, registered by Ray or not; --resume PATH until this launch has written a checkpoint of its own). Rank 0
+    chooses and verifies, and every rank loads its choice. The returned state carries this launch's id, so the
+    checkpoints it writes can be told from older ones after a restart."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint(directory, model, optimizer, ema)
-    if loop_config.get("start_from"):
-        return load_checkpoint(loop_config["start_from"], model, optimizer, ema)
-    return TrainState(world_size=world)
+    from tim_ray.train.checkpoint import from_rank_zero, launch_id, local_run_storage, read_state
+    from tim_ray.train.checkpoints_on_disk import resume_point
+
+    launch, start_from = launch_id(), loop_config.get("start_from")
+    registered = ray.train.get_checkpoint()
+    run_storage = local_run_storage()
+    if run_storage is None:  # remote storage: Ray's registered checkpoint, downloaded and verified on every rank
+        state = TrainState(world_size=world)
+        if registered is not None:
+            with registered.as_directory() as directory:
+                if not start_from or (launch is not None and read_state(directory)[0].launch == launch):
+                    state = load_checkpoint(directory, model, optimizer, ema)
+                    start_from = None
+        if start_from:
+            state = load_checkpoint(start_from, model, optimizer, ema)
+    else:
+        choice = error = None
+        if ray.train.get_context().get_world_rank() == 0:
+            def say(line: str) -> None:
+                print(f"tim-ray train: {line}", flush=True)
+
+            try:
+                choice = resume_point(run_storage, start_from, launch, registered is not None, note=say)
+            except (CheckpointError, OSError) as exc:
+                error = str(exc)
+            if choice:
+                say(f"resuming from {choice}")
+        choice, error = from_rank_zero((choice, error), next(model.parameters()).device)
+        if error:
+            raise CheckpointError(error)
+        state = TrainState(world_size=world)
+        if choice:
+            state = load_checkpoint(choice, model, optimizer, ema, verify=False)
+    state.launch = launch
+    return state
 
 
 class SampleLog:
@@ -105,9 +137,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     log = RunLog(cfg, run_dir, rank, world, tracker_ids=loop_config["mlflow"], control=control)
     log.start(state, model)
     samples_log = SampleLog(run_dir, rank, world, state.step) if cfg.train.sample_log else None
+    feed.track_rejects(run_dir, state)
     stops = StopChecks(cfg.checkpoint.stop_check_every, control, rank, device)
     global_batch = None if cfg.data.aspect_buckets else Derived.of(cfg, world_size=world).global_batch
-    batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch)
+    batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch,
+                           on_epoch_end=lambda epoch, counts: log.epoch_rejects(epoch, counts, state.step))
     nonfinite_in_a_row = 0
     while state.step < cfg.train.steps:
         faults.before_step(state.step, rank, run_dir)
@@ -118,10 +152,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             samples_log.write(state.step, state.epoch, batch["sample_id"])
         result = train_step(model, optimizer, faults.batch(batch, state.step), cfg, path,
                             step_generator(cfg.train.seed, state.step, rank),
-                            autocast_dtype=autocast_dtype(cfg.train.precision, device))
+                            autocast_dtype=autocast_dtype(cfg.train.precision, device), filler=feed.filler)
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         if nonfinite_in_a_row > cfg.train.max_nonfinite_steps:
-            log.finish(state, feed.report(), outcome="stopped on non-finite steps")
+            log.finish(state, feed.report(run_dir), outcome="stopped on non-finite steps")
             return {"status": "nonfinite", "step": state.step,
                     "message": f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (the "
                                f"last at step {state.step}); stopped with the last good checkpoint kept. Lower "
@@ -134,16 +168,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         saved = _periodic(cfg, state, model, optimizer, ema, log, feed, path, loop_config)
         save_now, stop_reason = stops.check(state.step)
         if save_now and not saved:
-            _checkpoint(state, model, optimizer, ema, log, loop_config, rank)
+            _checkpoint(state, model, optimizer, ema, log, feed, loop_config, rank)
         if stop_reason:
-            log.finish(state, feed.report(), outcome=f"stopped ({stop_reason})")
+            log.finish(state, feed.report(run_dir), outcome=f"stopped ({stop_reason})")
             return {"status": "stopped", "step": state.step, "message": stop_reason}
-    log.finish(state, feed.report())
+    log.finish(state, feed.report(run_dir))
     return {"status": "finished", "step": state.step, "message": ""}
 
 
-def _checkpoint(state: TrainState, model, optimizer, ema, log, loop_config: dict, rank: int) -> None:
+def _checkpoint(state: TrainState, model, optimizer, ema, log, feed, loop_config: dict, rank: int) -> None:
     state.mlflow_run_id = loop_config["mlflow"][1]
+    state.epoch_rejects = feed.rejects.checkpoint(state.step)
     report_with_checkpoint(log.latest_metrics(), model, optimizer, ema, state, loop_config["config"], rank)
 
 
@@ -163,7 +198,7 @@ def _periodic(cfg: Config, state: TrainState, model, optimizer, ema, log, feed, 
             log.tracker.log_metrics(objective, step=state.step)
     saved = state.step % cfg.checkpoint.every == 0 or last
     if saved:
-        _checkpoint(state, model, optimizer, ema, log, loop_config, ray.train.get_context().get_world_rank())
+        _checkpoint(state, model, optimizer, ema, log, feed, loop_config, ray.train.get_context().get_world_rank())
     if objective:
         # A report of its own, after this step's checkpoint: a Tune sweep counts exactly the reports that carry the
         # objective (tim_ray.tune.trial), whatever the checkpoint interval.
