@@ -58,6 +58,28 @@ def test_precompute_refuses_an_unusable_config_with_one_line(tmp_path):
     assert out.stderr == ("tim-ray: error: data.source = 'parquet' needs data.path (a directory, glob or URI)\n")
 
 
+def test_data_errors_are_found_before_ray_starts_and_leave_nothing_behind(tmp_path):
+    """A user's own parquet, given the wrong way: each mistake is one line within seconds, from the dry run as
+    from a real run and from precompute (which then writes no --out)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"picture": [b"x"], "caption": ["c"]}), tmp_path / "pq" / "a.parquet")
+    file_as_fashion = run("train", "--dry-run", f"data.path={tmp_path / 'pq' / 'a.parquet'}")
+    assert file_as_fashion.returncode == 2 and file_as_fashion.stderr.count("\n") == 1
+    assert "set data.source = 'parquet'" in file_as_fashion.stderr
+    missing = run("train", "--dry-run", "data.source=parquet", f"data.path={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and missing.stderr == (
+        f"tim-ray: error: data.path '{tmp_path / 'nowhere'}' does not exist\n")
+    for command in (["train"], ["precompute", "--out", str(tmp_path / "shards")]):
+        columns = run(*command, "data.source=parquet", f"data.path={tmp_path / 'pq'}", cwd=tmp_path)
+        assert columns.returncode == 2 and columns.stderr.count("\n") == 1
+        assert "has no image column" in columns.stderr and "it has picture, caption" in columns.stderr
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "runs").exists()
+    plan = run("train", "--dry-run", "data.max_samples=100")
+    assert plan.returncode == 0 and "100 source rows in 1 units" in plan.stdout
+
 
 def test_overrides_after_an_option_still_apply():
     dry = run("train", "configs/quickstart.toml", "--dry-run", "train.batch_size=32")

@@ -2,6 +2,7 @@
 epoch from any position."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +45,14 @@ class StreamingData:
     null_text: tuple[np.ndarray, np.ndarray] | None = None  # precomputed: the stored encoding of ""
     manifest: dict = field(default_factory=dict)  # precomputed: the manifest
 
-    @property
+    @functools.cached_property
     def unit_rows(self) -> np.ndarray:
         return np.array([unit["rows"] for unit in self.units], dtype=np.int64)
 
     @property
     def num_rows(self) -> int:
         """Source rows (rejects included: they are found only as the rows stream)."""
-        return int(sum(unit["rows"] for unit in self.units))
+        return int(self.unit_rows.sum())
 
     def layout(self, epoch: int) -> EpochLayout:
         return epoch_layout(self.unit_rows, self.seed, epoch, self.window_rows)

@@ -155,11 +155,11 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     start_from = resolve_resume(cfg, resume)
     if (set_aside := set_aside_stale_registry(cfg)) is not None:
         print(f"tim-ray train: {set_aside}", flush=True)
+    data = open_training_data(cfg)  # metadata only, before Ray starts or anything is written: fails in seconds
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     resuming = latest_checkpoint(cfg) is not None
-    data = open_training_data(cfg)  # metadata only, before Ray starts: a bad path or column fails in seconds
     print(f"tim-ray train: {data.describe()}; rejected rows are counted as they stream (listed in "
           f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
     print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
