@@ -2,18 +2,25 @@
 relaunch, NaN steps, a corrupt checkpoint, --resume PATH over Ray's registered checkpoint. Faults come from
 TIM_RAY_INJECT_FAULTS (tim_ray/train/faults.py).
 
-The reference is one uninterrupted run; the interrupted runs must end with bit-identical parameters and EMA
-(`torch.equal`) and must have trained on exactly the same samples at every step.
+The data is a parquet corpus with broken rows, streamed: an epoch ends at step 6, so the runs cross an epoch
+boundary and meet rejects before and after each interruption. The reference is one uninterrupted run; the
+interrupted runs must end with bit-identical parameters and EMA (`torch.equal`), must have trained on exactly the
+same samples at every step, and must record each rejected row once, whatever was redone.
 """
 import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import data_fixtures as fx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from tim_ray.config import load_config
+from tim_ray.data import open_training_data
 from tim_ray.models.registry import build_model
 from tim_ray.train.checkpoint import load_weights, read_state
 from tim_ray.train.faults import ENV_VAR
@@ -22,12 +29,38 @@ from tim_ray.train.launch import RAY_SNAPSHOT, latest_checkpoint, launch
 pytestmark = pytest.mark.ray
 
 STEPS = 8
+ROWS = 100  # 6 global batches of 16 an epoch
+CORPUS = "corpus"
 
 
-def tiny(tmp_path: Path, name: str, *extra: str):
+def broken(row: int) -> str:
+    """The reject reason of corpus row `row`, or "" for a good row."""
+    return "truncated_image" if row % 9 == 4 else "empty_caption" if row % 13 == 7 else ""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Two parquet files of ROWS 16x16 PNGs (row groups of 10) with labels; 17 rows broken."""
+    root = tmp_path_factory.mktemp("data") / CORPUS
+    root.mkdir()
+    images, captions = [], []
+    for row in range(ROWS):
+        png = fx.encoded(16, 16, "PNG", seed=row)
+        images.append(png[:len(png) // 2] if broken(row) == "truncated_image" else png)
+        captions.append("  " if broken(row) == "empty_caption" else f"row {row}")
+    for part in range(2):
+        rows = slice(part * ROWS // 2, (part + 1) * ROWS // 2)
+        pq.write_table(pa.table({"image": images[rows], "caption": captions[rows],
+                                 "label": [r % 10 for r in range(ROWS)][rows]}),
+                       root / f"part-{part}.parquet", row_group_size=10)
+    return root
+
+
+def tiny(corpus: Path, tmp_path: Path, name: str, *extra: str):
     return load_config(None, [
-        "model.arch=tim-tiny", "model.conditioning=class", "data.source=fashion-mnist", "data.max_samples=256",
-        "data.height=16", "data.width=16", "ray.num_workers=2", "train.batch_size=8", f"train.steps={STEPS}",
+        "model.arch=tim-tiny", "model.conditioning=class", "data.source=parquet", f"data.path='{corpus}'",
+        "data.shuffle_window=40", "data.height=16", "data.width=16", "ray.num_workers=2", "train.batch_size=8",
+        f"train.steps={STEPS}",
         "train.log_every=2", "train.eval_every=100", "checkpoint.every=4", "checkpoint.stop_check_every=1",
         "train.sample_log=true", "eval.nfe=[1]", f"train.output_dir={tmp_path}", f"train.name={name}", *extra])
 
@@ -49,15 +82,15 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def reference(local_ray, tmp_path_factory):
+def reference(local_ray, corpus, tmp_path_factory):
     """The uninterrupted run."""
-    cfg = tiny(tmp_path_factory.mktemp("reference"), "reference")
+    cfg = tiny(corpus, tmp_path_factory.mktemp("reference"), "reference")
     assert launch(cfg) == 0
     return cfg
 
 
 def weights(cfg, use_ema: bool) -> dict[str, torch.Tensor]:
-    model = build_model(cfg.model, in_channels=1, text_dim=None)
+    model = build_model(cfg.model, in_channels=3, text_dim=None)
     state = load_weights(latest_checkpoint(cfg), model, use_ema=use_ema)
     assert state.step == STEPS
     return {name: p.detach() for name, p in model.named_parameters()}
@@ -83,12 +116,28 @@ def assert_same_training(cfg, reference) -> None:
         assert not unequal, f"{'EMA ' if use_ema else ''}tensors differ after resuming: {unequal[:5]}"
     steps = consumed(cfg)
     assert steps == consumed(reference) and sorted(steps) == list(range(STEPS))
-    every_id = [i for ids in steps.values() for i in ids]
-    assert len(every_id) == len(set(every_id)) == STEPS * 16, "a sample was consumed twice or skipped"
+    first_epoch = [i for step, ids in steps.items() if step < ROWS // 16 for i in ids]
+    assert len(first_epoch) == len(set(first_epoch)), "a sample was consumed twice in an epoch"
+    assert_rejects_recorded_once(cfg)
 
 
-def test_worker_killed_mid_run_resumes_bit_exactly(reference, tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, "killed")
+def assert_rejects_recorded_once(cfg) -> None:
+    """The rejects file lists each broken row of the first epoch's 6 batches once, with its reason, whatever was
+    redone; every report of that epoch's count (one per worker group that finished the epoch) says the same."""
+    layout = open_training_data(cfg).layout(0)
+    units, rows = layout.source_rows(np.arange(ROWS // 16 * 16))
+    met = {f"part-{u // 5}.parquet#{(u % 5) * 10 + r}": broken(u * 10 + r) for u, r in zip(units, rows)}
+    expected = {key: reason for key, reason in met.items() if reason}
+    run = Path(cfg.train.output_dir) / cfg.train.name
+    records = [json.loads(line) for line in (run / "rejects.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reason"] for r in records} == expected and len(records) == len(expected) > 0
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    totals = {e["rejected"] for e in events if e["event"] == "epoch_rejects" and e["epoch"] == 0}
+    assert totals == {len(expected)}, totals
+
+
+def test_worker_killed_mid_run_resumes_bit_exactly(reference, corpus, tmp_path, monkeypatch):
+    cfg = tiny(corpus, tmp_path, "killed")
     monkeypatch.setenv(ENV_VAR, "crash@7:1")  # rank 1 dies at step 7; the last checkpoint is step 4
     assert launch(cfg) == 0
     assert (tmp_path / "killed" / "faults" / "crash@7:1").is_file()
@@ -103,9 +152,9 @@ def test_worker_killed_mid_run_resumes_bit_exactly(reference, tmp_path, monkeypa
           f"{restart['time'] - before:.1f} s from the last event before the crash to the restart")
 
 
-def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys):
-    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS // 2}")) == 0
-    cfg = tiny(tmp_path, "relaunched")
+def test_stopped_run_relaunched_resumes_bit_exactly(reference, corpus, tmp_path, capsys):
+    assert launch(tiny(corpus, tmp_path, "relaunched", f"train.steps={STEPS // 2}")) == 0
+    cfg = tiny(corpus, tmp_path, "relaunched")
     assert read_state(latest_checkpoint(cfg))[0].step == STEPS // 2
     assert launch(cfg) == 0
     assert_same_training(cfg, reference)
@@ -118,7 +167,7 @@ def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys)
     damaged = bytearray(shard.read_bytes())
     damaged[len(damaged) // 2] ^= 0x10
     shard.write_bytes(bytes(damaged))
-    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 2}")) == 0
+    assert launch(tiny(corpus, tmp_path, "relaunched", f"train.steps={STEPS + 2}")) == 0
     assert starts(cfg)[-1] == STEPS // 2, "did not fall back to the step-4 checkpoint"
     assert read_state(latest_checkpoint(cfg))[0].step == STEPS + 2
     assert (latest.parent / "checkpoint_00000008-2").is_dir() and shard.read_bytes() == bytes(damaged)
@@ -126,7 +175,7 @@ def test_stopped_run_relaunched_resumes_bit_exactly(reference, tmp_path, capsys)
     # Moving the damaged checkpoint away (Ray still registers it): no traceback, the run continues.
     shutil.move(latest, tmp_path / "damaged")
     capsys.readouterr()
-    assert launch(tiny(tmp_path, "relaunched", f"train.steps={STEPS + 4}")) == 0
+    assert launch(tiny(corpus, tmp_path, "relaunched", f"train.steps={STEPS + 4}")) == 0
     assert f"Ray's checkpoint registry names {latest.name}, which is gone" in capsys.readouterr().out
     assert starts(cfg)[-1] == STEPS + 2 and read_state(latest_checkpoint(cfg))[0].step == STEPS + 4
 
@@ -137,7 +186,7 @@ def starts(cfg) -> list[int]:
     return [e["step"] for e in map(json.loads, events) if e["event"] == "start"]
 
 
-def test_an_explicit_resume_path_wins_over_rays_checkpoint_until_this_launch_writes_one(reference, tmp_path,
+def test_an_explicit_resume_path_wins_over_rays_checkpoint_until_this_launch_writes_one(reference, corpus, tmp_path,
                                                                                        monkeypatch):
     """A run whose Ray registry ends at step 8, launched with --resume <its step-4 checkpoint>: the first worker
     group starts at 4. Rank 1 dies at step 10, after this launch's own step-8 checkpoint: the restarted group
@@ -148,23 +197,23 @@ def test_an_explicit_resume_path_wins_over_rays_checkpoint_until_this_launch_wri
     for name in ("checkpoint_00000004", "checkpoint_00000008"):
         shutil.copytree(source / name, run / name)
     shutil.copy(source / RAY_SNAPSHOT, run / RAY_SNAPSHOT)
-    cfg = tiny(tmp_path, "explicit", "train.steps=12")
+    cfg = tiny(corpus, tmp_path, "explicit", "train.steps=12")
     monkeypatch.setenv(ENV_VAR, "crash@10:1")
     assert launch(cfg, resume=str(run / "checkpoint_00000004")) == 0
     assert (run / "faults" / "crash@10:1").is_file()
     assert starts(cfg) == [4, 8]
     assert read_state(latest_checkpoint(cfg))[0].step == 12
     # From PATH (step 4) to this launch's step 8 is the reference's own trajectory, bit for bit.
-    ours, theirs = (build_model(cfg.model, in_channels=1, text_dim=None) for _ in range(2))
+    ours, theirs = (build_model(cfg.model, in_channels=3, text_dim=None) for _ in range(2))
     load_weights(str(run / "checkpoint_00000008-2"), ours)
     load_weights(str(source / "checkpoint_00000008"), theirs)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
-def test_nan_steps_are_skipped_and_persistent_nan_stops_at_the_last_good_checkpoint(local_ray, tmp_path,
+def test_nan_steps_are_skipped_and_persistent_nan_stops_at_the_last_good_checkpoint(local_ray, corpus, tmp_path,
                                                                                     monkeypatch, capsys):
     monkeypatch.setenv(ENV_VAR, "nan@1,nan@5-99")
-    cfg = tiny(tmp_path, "nonfinite", "train.max_nonfinite_steps=2")
+    cfg = tiny(corpus, tmp_path, "nonfinite", "train.max_nonfinite_steps=2")
     assert launch(cfg) == 1
     assert "3 consecutive steps had a non-finite loss" in capsys.readouterr().err
     assert read_state(latest_checkpoint(cfg))[0].step == 4
