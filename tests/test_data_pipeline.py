@@ -204,10 +204,11 @@ def test_pixel_shards_hold_the_source_pixels_and_refuse_another_geometry(tmp_pat
         open_training_data(other)
 
 
-def test_training_and_precompute_read_from_an_object_store(tmp_path, s3_server):
-    cfg, rejects = file_source("parquet", tmp_path / "pq")
-    url = s3_server.upload_tree(tmp_path / "pq", s3_server.create_bucket(), prefix="corpus")
-    remote = load_config(overrides=["data.source=parquet", f"data.path='{url}'"])
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_training_and_precompute_read_from_an_object_store(kind, tmp_path, s3_server):
+    cfg, rejects = file_source(kind, tmp_path / kind)
+    url = s3_server.upload_tree(tmp_path / kind, s3_server.create_bucket(), prefix="corpus")
+    remote = load_config(overrides=[f"data.source={kind}", f"data.path='{url}'"])
     local_data, remote_data = open_training_data(cfg, stand_ins(cfg)), open_training_data(remote, stand_ins(cfg))
     assert remote_data.units == local_data.units  # keys are relative to the root: the same ids anywhere
     local = stream(local_data, global_batch=1)
@@ -216,7 +217,8 @@ def test_training_and_precompute_read_from_an_object_store(tmp_path, s3_server):
     assert all(torch.equal(a["image"], b["image"]) for (a, _), (b, _) in zip(local, served))
     assert {r["id"]: r["reason"] for _, p in served for r in p.rejects} == rejects
     manifest = run_precompute(remote, tmp_path / "out", encoders=stand_ins(cfg), log=lambda line: None)
-    assert manifest["rows"] == sum(not c.reason for c in fx.cases()) and manifest["provenance"]["path"] == url
+    assert manifest["rows"] == len(torch.cat([b["sample_id"] for b, _ in local])) and manifest["rejected"] == len(rejects)
+    assert manifest["provenance"]["path"] == url
 
 
 def test_encoders_are_tried_before_any_pipeline_starts():
