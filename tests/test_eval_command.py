@@ -65,8 +65,8 @@ def test_eval_logs_into_the_training_runs_store_nested_under_it(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--metric", "fdi"], "unknown metric fdi; choose from fid, kid"),
-    (["--metric", "shapes"], "metric shapes scores captions of the shapes set, but this checkpoint was trained on "
-                             "fashion-mnist"),
+    (["--metric", "shapes"], "metric shapes scores samples against shapes data, but data.source is "
+                             "'fashion-mnist'"),
     (["--metric", "fid_inception"], "fid_inception/kid_inception need --inception PATH"),
     (["--nfe", "1,x"], "--nfe must be comma-separated integers, got '1,x'"),
 ])

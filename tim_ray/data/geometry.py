@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-FASHION_MNIST = "fashion-mnist"
 PIXEL_CODEC = "pixel"
 
 
@@ -80,8 +79,11 @@ def bucket_sizes(height: int, width: int, multiple: int, max_aspect: float) -> t
 
 
 def pixel_channels(cfg) -> int:
-    """Channels of the decoded pixels: Fashion-MNIST stays grey in pixel space; latent codecs get RGB."""
-    return 1 if cfg.data.source == FASHION_MNIST and cfg.model.codec == PIXEL_CODEC else 3
+    """Channels of the decoded pixels: a grey source (Fashion-MNIST) stays grey in pixel space; latent codecs get
+    RGB."""
+    from tim_ray.data.sources import source_class  # the sources import this module
+
+    return 1 if source_class(cfg.data.source).grey and cfg.model.codec == PIXEL_CODEC else 3
 
 
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:

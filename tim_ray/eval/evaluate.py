@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tim_ray.config import ConfigError, SampleConfig
+from tim_ray.data.sources import check_metric
 from tim_ray.eval.conditions import fashion_mnist_prompts
 from tim_ray.eval.generate import ImagePipeline, slice_conditions
 
@@ -61,19 +62,11 @@ def check_request(request: EvalRequest, cfg) -> None:
         raise ConfigError(f"--nfe needs positive step counts, got {request.nfe}")
     if request.num_samples < 2:
         raise ConfigError(f"--num-samples must be at least 2, got {request.num_samples}")
-    source = cfg.data.source
     for metric in request.metrics:
-        if metric in FASHION_METRICS + INCEPTION_METRICS and source != "fashion-mnist":
-            raise ConfigError(f"metric {metric} compares with Fashion-MNIST, but this checkpoint was trained on "
-                              f"{source}")
-        if metric == "shapes" and source != "shapes":
-            raise ConfigError(f"metric shapes scores captions of the shapes set, but this checkpoint was trained "
-                              f"on {source}")
+        if metric != "consistency":  # the one metric of the model alone, whatever its data
+            check_metric(cfg, metric, "metric")
     if any(m in INCEPTION_METRICS for m in request.metrics) and not request.inception:
         raise ConfigError("fid_inception/kid_inception need --inception PATH (a TorchScript Inception)")
-    if cfg.model.conditioning == "class" and source == "fashion-mnist" and cfg.model.num_classes != 10:
-        raise ConfigError(f"a class-conditional Fashion-MNIST model must have 10 classes, got "
-                          f"{cfg.model.num_classes}")
 
 
 def eval_targets(cfg, count: int) -> EvalTargets:

@@ -56,11 +56,25 @@ def read_idx(path: str, magic: int) -> np.ndarray:
 
 
 class FashionMnistSource:
+    """Everything tim-ray knows about Fashion-MNIST: reading, its settings, its grid prompts, its metrics."""
+
     name = "fashion-mnist"
+    needs_path = False
+    grey = True  # one channel in pixel space
+    num_classes = len(CLASS_NAMES)
+    metrics = ("fid", "kid", "class_agreement", "fid_inception", "kid_inception")  # compared with its test split
+
+    @staticmethod
+    def check(cfg) -> None:
+        """This source's own settings; a DataError names the bad one."""
+        if cfg.data.split not in SPLIT_PREFIX:
+            raise DataError(f"data.split = '{cfg.data.split}' is not one of {', '.join(SPLIT_PREFIX)} for "
+                            f"fashion-mnist")
+        if cfg.model.conditioning == "class" and cfg.model.num_classes != len(CLASS_NAMES):
+            raise DataError(f"a class-conditional Fashion-MNIST model must have model.num_classes = "
+                            f"{len(CLASS_NAMES)}, got {cfg.model.num_classes}")
 
     def __init__(self, path: str, split: str):
-        if split not in SPLIT_PREFIX:
-            raise DataError(f"data.split '{split}' is not one of {', '.join(SPLIT_PREFIX)} for fashion-mnist")
         directory = Path(path or DEFAULT_DIR)
         self.split = split
         self.images_path = str(directory / f"{SPLIT_PREFIX[split]}-images-idx3-ubyte.gz")

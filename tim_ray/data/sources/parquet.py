@@ -41,6 +41,15 @@ def _pick(names: list[str], chosen: str, candidates: tuple[str, ...], what: str,
 
 class ParquetSource:
     name = "parquet"
+    needs_path = True
+    grey = False
+    num_classes = None  # labels, when a file has them, are the user's
+    metrics = ()
+
+    @staticmethod
+    def check(cfg) -> None:
+        if not cfg.data.path and not cfg.data.precomputed:
+            raise DataError(f"data.source = '{cfg.data.source}' needs data.path (a directory, glob or URI)")
 
     def __init__(self, path: str, image_column: str = "", caption_column: str = ""):
         self.files: FileSet = list_files(path, ("parquet",))

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tim_ray.data.records import RawSample
+from tim_ray.data.records import DataError, RawSample
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {"red": (220, 38, 38), "green": (22, 163, 74), "blue": (37, 99, 235), "yellow": (234, 179, 8)}
@@ -160,7 +160,19 @@ def render(spec: dict) -> np.ndarray:
 
 
 class ShapesSource:
+    """The procedural shapes set: reading (rendering), its settings, its metric (every caption checked)."""
+
     name = "shapes"
+    needs_path = False
+    grey = False
+    num_classes = None
+    metrics = ("shapes",)  # needs text conditioning: it scores how well images follow their captions
+
+    @staticmethod
+    def check(cfg) -> None:
+        if cfg.data.hflip:
+            raise DataError("data.hflip would mirror the left/right relations that shapes captions state; "
+                            "set data.hflip = false")
 
     def __init__(self, seed: int, sizes: tuple[tuple[int, int], ...], max_samples: int):
         self.seed, self.sizes = seed, sizes
