@@ -2,9 +2,7 @@
 `tim-ray tune` command's refusals, which come before Ray starts."""
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 
 from tim_ray.cli import main
@@ -28,31 +26,6 @@ def rows():
     return [row("a", 0.30, 300), row("b", 0.55, 100), row("c", 0.42, 300, sampler="independent", p_mean=-0.7),
             out.TrialRow("d", {"transition.interval_sampler": "uniform_pair", "transition.p_mean": 0.0},
                          status="error: diverged")]
-
-
-def tune_result(trial_id, history=(), error=None, p_mean=0.1):
-    """What a Ray Tune Result holds for a trial: the last result (with the trial id even before a report), the
-    drawn config, the error and every reported result."""
-    frame = pd.DataFrame([{"step": s, "objective": o, "objective_nfe1": o, "objective_nfe2": o} for s, o in history])
-    last = {"trial_id": trial_id, **(frame.iloc[-1].to_dict() if history else {})}
-    return SimpleNamespace(metrics=last, config={"transition.p_mean": p_mean, "other": 1}, error=error,
-                           metrics_dataframe=frame if history else None)
-
-
-def test_collect_reads_status_step_scores_and_history_of_each_trial(tmp_path):
-    base = load_config(RECIPE)
-    space_file = tmp_path / "space.toml"
-    space_file.write_text("[transition.p_mean]\nuniform = [-1.0, 0.5]\n")
-    space = load_space(space_file, base)
-    grid = [tune_result("done", [(100, 0.1), (200, 0.2), (300, 0.25)]),
-            tune_result("cut", [(100, 0.05)]), tune_result("running", [(100, 0.3)]),
-            tune_result("fresh"), tune_result("nan", [(100, 0.1)], error=RuntimeError("trial\nnonfinite at step 7"))]
-    rows = {r.trial_id: r for r in out.collect(grid, space, base, unfinished={"running", "fresh"})}
-    assert {k: r.status for k, r in rows.items()} == {"done": "finished", "cut": "stopped", "running": "unfinished",
-                                                      "fresh": "unfinished", "nan": "error: nonfinite at step 7"}
-    assert rows["done"].step == 300 and rows["done"].objective == 0.25 and rows["done"].per_nfe == {1: 0.25, 2: 0.25}
-    assert rows["done"].history == [(100, 0.1), (200, 0.2), (300, 0.25)]
-    assert rows["fresh"].objective is None and rows["done"].params == {"transition.p_mean": 0.1}
 
 
 def test_ranking_is_by_objective_and_the_best_trained_every_step(rows):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tim_ray.config import ConfigError, load_config
+from tim_ray.tune.search import draw
 from tim_ray.tune.space import apply_params, load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,29 +29,32 @@ def test_shipped_space_covers_the_interval_law_and_loads_against_the_shipped_rec
         "interval_sampler", "p_mean", "p_std", "delta_logit_mean", "delta_logit_std", "diffusion_ratio",
         "consistency_ratio", "dde_epsilon")}
     assert base.eval.objective == "shapes" and base.data.source == "shapes"
-    domains = space.param_space()
-    assert domains["transition.interval_sampler"].categories == ["logit_normal_pair", "uniform_pair", "independent"]
-    epsilon = domains["transition.dde_epsilon"]
-    assert (epsilon.lower, epsilon.upper) == (0.001, 0.02) and type(epsilon.sampler).__name__ == "_LogUniform"
+    sampler = space.dimensions[space.keys.index("transition.interval_sampler")]
+    assert sampler.values == ("logit_normal_pair", "uniform_pair", "independent")
+    assert sampler.distribution().choices == (0, 1, 2) and sampler.from_draw(2) == "independent"
+    epsilon = space.dimensions[space.keys.index("transition.dde_epsilon")].distribution()
+    assert (epsilon.low, epsilon.high, epsilon.log) == (0.001, 0.02, True)
 
 
 @pytest.mark.parametrize("name", ["interval_sampler.toml", "sampler_and_ratio.toml"])
-def test_every_drawn_point_of_a_shipped_space_is_a_valid_config(base, name):
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_every_drawn_point_of_a_shipped_space_is_a_valid_config_inside_the_space(base, name, search):
     space = load_space(TUNE_CONFIGS / name, base)
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        params = {key: domain.sample(random_state=rng) for key, domain in space.param_space().items()}
+    for index in range(20):
+        params = draw(space, search, 0, index, "max")
         cfg = apply_params(base, params, "a draw")
         assert cfg.transition.p_mean == pytest.approx(params["transition.p_mean"])
         assert cfg.transition.interval_sampler == params["transition.interval_sampler"]
+        assert all(dim.contains(params[dim.key]) for dim in space.dimensions)
 
 
 def test_ranges_of_int_keys_draw_ints_including_both_bounds(tmp_path, base):
     space = load_space(space_file(tmp_path, "[train.batch_size]\nuniform = [8, 10]\n"), base)
-    domain = space.param_space()["train.batch_size"]
-    drawn = {domain.sample(random_state=np.random.default_rng(seed)) for seed in range(60)}
-    assert drawn == {8, 9, 10}
+    drawn = [draw(space, "random", seed, 0, "max")["train.batch_size"] for seed in range(60)]
+    assert set(drawn) == {8, 9, 10} and all(type(value) is int for value in drawn)
     assert apply_params(base, {"train.batch_size": np.int64(9)}, "a draw").train.batch_size == 9
+    batch = space.dimensions[0]
+    assert batch.contains(8) and not batch.contains(11) and not batch.contains(9.0) and not batch.contains(True)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -31,12 +31,15 @@ loguniform = [0.002, 0.01]
 STEPS = 4
 
 
+def tiny_overrides(output_dir):
+    return ["model.arch=tim-tiny", "data.source=shapes", "data.max_samples=128", "data.height=16", "data.width=16",
+            "train.batch_size=8", f"train.steps={STEPS}", "train.log_every=2", "train.eval_every=2",
+            "checkpoint.every=4", "eval.nfe=[1, 2]", "eval.num_samples=8", "eval.objective=shapes",
+            f"train.output_dir={output_dir}", "train.name=sweep"]
+
+
 def tiny_sweep_config(output_dir):
-    return load_config(None, [
-        "model.arch=tim-tiny", "data.source=shapes", "data.max_samples=128", "data.height=16", "data.width=16",
-        "train.batch_size=8", f"train.steps={STEPS}", "train.log_every=2", "train.eval_every=2",
-        "checkpoint.every=4", "eval.nfe=[1, 2]", "eval.num_samples=8", "eval.objective=shapes",
-        f"train.output_dir={output_dir}", "train.name=sweep"])
+    return load_config(None, tiny_overrides(output_dir))
 
 
 def start_local_ray():
@@ -79,14 +82,16 @@ def test_sweep_of_three_trials_writes_results_best_config_and_nested_mlflow_runs
         assert run_sweep(cfg, request) == 0
         print(f"sweep: {time.time() - started:.0f} s")
         states = placement_group_states()
-        # Resuming a finished sweep runs nothing again and rewrites the same results.
+        # Resuming a finished sweep runs nothing again (no Tune run) and rewrites the same results.
         assert run_sweep(cfg, dataclasses.replace(request, resume=True)) == 0
+        assert "tim-ray tune: resuming" not in capsys.readouterr().out
     finally:
         ray.shutdown()
         os.environ.pop("RAY_API_SERVER_ADDRESS")
     assert states and set(states) == {"REMOVED"}, states
 
     sweep_dir = tmp_path / "sweep"
+    assert not (sweep_dir / "tune").exists()  # Tune's own state (pickles) never lands in the sweep directory
     with open(sweep_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3

@@ -4,13 +4,12 @@ trial, and the final objective against each swept key)."""
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tim_ray.config import Config, dump_toml
-from tim_ray.tune.objective import OBJECTIVE, per_nfe_key
-from tim_ray.tune.space import Space, apply_params, plain
+from tim_ray.tune.objective import OBJECTIVE
+from tim_ray.tune.space import Space, apply_params
 
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.toml"
@@ -28,34 +27,6 @@ class TrialRow:
     objective: float | None = None  # at the last evaluation
     per_nfe: dict[int, float] = field(default_factory=dict)
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, objective) of every evaluation
-
-
-def _history(result) -> list[tuple[int, float]]:
-    frame = result.metrics_dataframe
-    if frame is None or OBJECTIVE not in frame or "step" not in frame:
-        return []
-    return [(int(s), float(o)) for s, o in zip(frame["step"], frame[OBJECTIVE]) if not math.isnan(o)]
-
-
-def collect(grid, space: Space, cfg: Config, unfinished: set[str] = frozenset()) -> list[TrialRow]:
-    """One row per trial of a Ray Tune ResultGrid; `unfinished`: ids of trials an interruption cut short."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics  # Tune's last result, which holds the trial id even before a first report
-        params = {key: plain(result.config[key]) for key in space.keys if key in result.config}
-        trial_id = metrics["trial_id"]
-        row = TrialRow(trial_id=trial_id, params=params, status="unfinished" if trial_id in unfinished else "stopped")
-        if OBJECTIVE in metrics:
-            row.step, row.objective = int(metrics["step"]), float(metrics[OBJECTIVE])
-            row.per_nfe = {n: float(metrics[per_nfe_key(n)]) for n in cfg.eval.nfe if per_nfe_key(n) in metrics}
-            row.history = _history(result)
-            if row.step >= cfg.train.steps:
-                row.status = FINISHED
-        if result.error is not None:
-            lines = [line for line in str(result.error).splitlines() if line.strip()]
-            row.status = f"error: {lines[-1][:120] if lines else type(result.error).__name__}"
-        rows.append(row)
-    return rows
 
 
 def ranked(rows: list[TrialRow], mode: str) -> list[TrialRow]:

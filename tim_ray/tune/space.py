@@ -46,16 +46,35 @@ class Dimension:
     values: tuple  # the choices, or (lo, hi)
     integer: bool  # an int key: ranges draw ints
 
-    def domain(self):
-        """The Ray Tune distribution of this key."""
-        from ray import tune
+    def distribution(self):
+        """The Optuna distribution a sweep draws this key from (tim_ray.tune.search); a choice is drawn as its
+        index, so any TOML value can be a choice."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.kind == "choices":
-            return tune.choice(list(self.values))
+            return CategoricalDistribution(tuple(range(len(self.values))))
         lo, hi = self.values
-        if self.kind == "uniform":
-            return tune.randint(lo, hi + 1) if self.integer else tune.uniform(lo, hi)
-        return tune.lograndint(lo, hi + 1) if self.integer else tune.loguniform(lo, hi)
+        log = self.kind == "loguniform"
+        return IntDistribution(int(lo), int(hi), log=log) if self.integer else FloatDistribution(lo, hi, log=log)
+
+    def to_draw(self, value):
+        """`value` (one the key can take: `contains`) as the distribution holds it (a choice's index)."""
+        if self.kind != "choices":
+            return value
+        return next(i for i, v in enumerate(self.values) if type(v) is type(value) and v == value)
+
+    def from_draw(self, drawn):
+        """The config value of a point of the distribution."""
+        return self.values[drawn] if self.kind == "choices" else drawn
+
+    def contains(self, value) -> bool:
+        """Whether `value` is one this key can take in the space (a recorded trial's keys are checked with it)."""
+        if self.kind == "choices":
+            return any(type(value) is type(v) and value == v for v in self.values)
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        lo, hi = self.values
+        return lo <= value <= hi
 
 
 @dataclass(frozen=True)
@@ -66,9 +85,6 @@ class Space:
     @property
     def keys(self) -> list[str]:
         return [d.key for d in self.dimensions]
-
-    def param_space(self) -> dict:
-        return {d.key: d.domain() for d in self.dimensions}
 
 
 def plain(value):

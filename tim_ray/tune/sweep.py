@@ -2,16 +2,22 @@
 Tune over trials (tim_ray.tune.trial), then write the results (tim_ray.tune.results).
 
 The sweep directory is the base config's run directory, <train.output_dir>/<train.name>:
-    config.toml, space.toml      the base config and the space, as the sweep began
-    tune/                        Ray Tune's experiment state (what --resume restores)
+    sweep.json                   the sweep's record: settings, config, space, every trial's keys, status and
+                                 evaluations (tim_ray.tune.state); what --resume rebuilds the sweep from
+    config.toml, space.toml      the base config and the space, as the sweep began (for people to read)
     trials/<name>_<trial id>/    each trial's run directory (config, checkpoints, sample grids, events)
     results.csv, best.toml, objective_vs_step.png, objective_vs_params.png
     mlflow.db, mlartifacts/      the parent run and one nested run per trial (unless tracking.uri names a server)
+
+Ray Tune's own experiment state (pickles) goes to a private temporary directory of the driver and is deleted after
+the run: a resume starts a new Tune run from sweep.json and never calls Tuner.restore, so no pickle is ever read
+from the sweep directory, which on a cluster is a shared volume that other jobs can write.
 """
 from __future__ import annotations
 
-import json
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,15 +25,15 @@ from tim_ray.config import Config, ConfigError, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.tune import results as out
 from tim_ray.tune.objective import MODES, OBJECTIVE
+from tim_ray.tune.search import SEARCHES
 from tim_ray.tune.space import Space, load_space
+from tim_ray.tune.state import STATE_FILE, SweepState, load_state
 from tim_ray.tune.trial import TrialPlan, run_trial, trial_name
 
 SCHEDULERS = ("asha", "fifo")
-SEARCHES = ("optuna", "random")
-TUNE_DIR = "tune"
+TUNE_DIR = "tune"  # the name of each Tune run, in a private temporary directory
 SPACE_FILE = "space.toml"
 CONFIG_FILE = "config.toml"
-REQUEST_FILE = "sweep.json"
 ASHA_REDUCTION = 2  # keep the best half at each rung: with a handful of trials, 4 would stop nearly all
 
 
@@ -41,9 +47,9 @@ class SweepRequest:
     resume: bool = False
     seed: int = 0  # of the search algorithm's draws
 
-    def settings(self) -> str:
-        """What a resume must repeat (Tune restores its own copy): everything but the space's path and --resume."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k not in ("space", "resume")}, sort_keys=True)
+    def settings(self) -> dict:
+        """What a resume must repeat: everything but the space's path and --resume."""
+        return {k: v for k, v in asdict(self).items() if k not in ("space", "resume")}
 
 
 def _check(cfg: Config, request: SweepRequest) -> None:
@@ -58,49 +64,43 @@ def _check(cfg: Config, request: SweepRequest) -> None:
                           f"{', '.join(SEARCHES)}")
 
 
-def _check_resume(sweep_dir: Path, cfg: Config, space: Space, request: SweepRequest) -> None:
-    """A new sweep needs a fresh directory; a resumed one the same base config, space and settings it began with
-    (Tune restores its own copy of them, so a change would silently not apply)."""
-    from ray import tune
-
-    exists = tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR))
-    if not request.resume:
-        if exists:
-            raise ConfigError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose another "
-                              f"train.name")
-        return
-    if not exists:
-        raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
-    began = [(CONFIG_FILE, dump_toml(cfg), "the base config"), (SPACE_FILE, space.text, "the space"),
-             (REQUEST_FILE, request.settings(), "--num-samples/--scheduler/--search/--max-concurrent/--seed")]
-    for name, now, what in began:
-        if (sweep_dir / name).read_text() != now:
-            raise ConfigError(f"--resume: {what} differs from what the sweep began with ({sweep_dir / name}); "
-                              f"resume with the same, or start a new sweep under another train.name")
+def _open_state(sweep_dir: Path, cfg: Config, space: Space, request: SweepRequest) -> SweepState:
+    """A new sweep's record in a fresh directory, or the record of the sweep to resume, which must have begun with
+    the same base config, space and settings."""
+    path = sweep_dir / STATE_FILE
+    if request.resume:
+        return load_state(path, request.settings(), cfg, space)
+    if path.exists():
+        raise ConfigError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose another "
+                          f"train.name")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / CONFIG_FILE).write_text(dump_toml(cfg))
+    (sweep_dir / SPACE_FILE).write_text(space.text)
+    return SweepState.new(path, request.settings(), cfg, space)
 
 
-def _scheduler(request: SweepRequest, cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(request: SweepRequest, cfg: Config, state: SweepState):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tim_ray.tune.bridge import SweepASHA
 
     if request.scheduler == "fifo":
         return FIFOScheduler()
     # Rungs at evaluations, eval_every · 2^k steps. max_t one past the last step: ASHA stops (kills) a trial that
     # reaches max_t, which would cut off the end of its run; a trial that trains every step ends by itself.
-    return ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1,
-                         grace_period=min(cfg.train.eval_every, cfg.train.steps), reduction_factor=ASHA_REDUCTION)
+    return SweepASHA(time_attr="step", metric=OBJECTIVE, mode=MODES[cfg.eval.objective], max_t=cfg.train.steps + 1,
+                     grace_period=min(cfg.train.eval_every, cfg.train.steps),
+                     reduction_factor=ASHA_REDUCTION).replay(state)
 
 
-def _searcher(request: SweepRequest):
-    """Optuna's TPE, or random draws; either way at most max_concurrent trials at a time."""
-    if request.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
+def _searcher(request: SweepRequest, cfg: Config, space: Space, state: SweepState):
+    """The sweep's own draws (tim_ray.tune.search), at most max_concurrent trials at a time."""
+    from ray.tune.search import ConcurrencyLimiter
 
-        return ConcurrencyLimiter(OptunaSearch(seed=request.seed), max_concurrent=request.max_concurrent)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from tim_ray.tune.bridge import TrialSource
 
-    # Tune applies TuneConfig.max_concurrent_trials only to searchers it builds itself; this one takes it directly.
-    return BasicVariantGenerator(random_state=request.seed, max_concurrent=request.max_concurrent)
+    source = TrialSource(state, space, request.search, request.seed, request.num_samples, MODES[cfg.eval.objective])
+    return ConcurrencyLimiter(source, max_concurrent=request.max_concurrent)
 
 
 def _open_parent(cfg: Config, sweep_dir: Path, resume: bool) -> Tracker:
@@ -110,27 +110,25 @@ def _open_parent(cfg: Config, sweep_dir: Path, resume: bool) -> Tracker:
     return tracker
 
 
-def _tuner(cfg: Config, request: SweepRequest, space: Space, sweep_dir: Path, trainable):
+def _run_trials(cfg: Config, request: SweepRequest, space: Space, state: SweepState, trainable) -> None:
+    """One Ray Tune run over the trials the sweep still needs. Tune's experiment state (pickles) goes to a private
+    temporary directory, deleted afterwards: nothing Tune writes is ever read back from shared storage."""
     from ray import tune
 
-    path = str(sweep_dir / TUNE_DIR)
-    if request.resume:
-        return tune.Tuner.restore(path, trainable, resume_errored=True)
-    return tune.Tuner(
-        trainable, param_space=space.param_space(),
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODES[cfg.eval.objective],
-                                    scheduler=_scheduler(request, cfg), search_alg=_searcher(request),
-                                    num_samples=request.num_samples),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir)))
+    from tim_ray.tune.bridge import Recorder
 
-
-def _unfinished_trials(sweep_dir: Path) -> set[str]:
-    """Ids of the trials that Tune's last saved state holds as not done: after an interruption (Ctrl-C), the
-    returned results call them terminated, but the state that --resume restores says they were running."""
-    from ray.tune import ExperimentAnalysis
-
-    trials = ExperimentAnalysis(str(sweep_dir / TUNE_DIR)).trials
-    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+    launches = request.num_samples - state.ended_count()
+    private = tempfile.mkdtemp(prefix="tim-ray-tune-")
+    try:
+        tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(scheduler=_scheduler(request, cfg, state),
+                                        search_alg=_searcher(request, cfg, space, state), num_samples=launches),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=private,
+                                      callbacks=[Recorder(state, cfg.train.steps, cfg.eval.nfe)]),
+        ).fit()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _settle_trial_runs(parent: Tracker, cfg: Config, rows: list[out.TrialRow]) -> None:
@@ -158,37 +156,54 @@ def _write_results(cfg: Config, space: Space, sweep_dir: Path, rows: list[out.Tr
     return best
 
 
-def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None) -> int:
+def _training_data(cfg: Config, sweep_dir: Path):
+    """The data every trial trains on, prepared once. tim_ray.data is moving from load_training_data (the data
+    itself) to open_training_data (a description the workers stream from); this takes whichever it has."""
+    from tim_ray.data import batches
+
+    if hasattr(batches, "open_training_data"):
+        return batches.open_training_data(cfg)
+    return batches.load_training_data(cfg, sweep_dir)
+
+
+def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState, parent: Tracker,
+            address: str | None) -> None:
+    """Start or join Ray, load the data once for every trial, and run the trials the sweep still needs."""
     from ray import tune
 
-    from tim_ray.data.batches import load_training_data
-    from tim_ray.train.launch import run_dir_of, start_ray
+    from tim_ray.train.launch import start_ray
 
-    _check(cfg, request)
-    space = load_space(request.space, cfg)
-    sweep_dir = run_dir_of(cfg)
-    _check_resume(sweep_dir, cfg, space, request)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / CONFIG_FILE).write_text(dump_toml(cfg))
-    (sweep_dir / SPACE_FILE).write_text(space.text)
-    (sweep_dir / REQUEST_FILE).write_text(request.settings())
+    sweep_dir = state.path.parent
     print(f"tim-ray tune: {start_ray(cfg, address)}; preparing data ({cfg.data.source})", flush=True)
-    data = load_training_data(cfg, sweep_dir)
-    parent = _open_parent(cfg, sweep_dir, request.resume)
+    data = _training_data(cfg, sweep_dir)
     plan = TrialPlan(base=to_dict(cfg), sweep_dir=str(sweep_dir),
                      tracking_uri=tracking_uri(cfg, sweep_dir) if parent.enabled else "",
                      parent_run_id=parent.run_id)
     mlflow = f"\n  mlflow: {plan.tracking_uri} (run {parent.run_id})" if parent.enabled else ""
+    resumed = (f" ({state.ended_count()} that ended are kept, {len(state.live())} cut short resume from their "
+               f"own checkpoints)" if request.resume else "")
     print(f"tim-ray tune: {'resuming' if request.resume else 'starting'} {request.num_samples} trials of "
-          f"{cfg.train.steps} steps ({request.search} search, {request.scheduler}, {request.max_concurrent} at a "
-          f"time) over {', '.join(space.keys)}\n  sweep directory: {sweep_dir}\n  objective: {cfg.eval.objective}"
-          f" averaged over NFE {cfg.eval.nfe}, every {cfg.train.eval_every} steps{mlflow}", flush=True)
-    grid = _tuner(cfg, request, space, sweep_dir, tune.with_parameters(run_trial, plan=plan, data=data)).fit()
-    unfinished = _unfinished_trials(sweep_dir)
-    rows = out.ranked(out.collect(grid, space, cfg, unfinished), MODES[cfg.eval.objective])
+          f"{cfg.train.steps} steps{resumed} ({request.search} search, {request.scheduler}, "
+          f"{request.max_concurrent} at a time) over {', '.join(space.keys)}\n  sweep directory: {sweep_dir}"
+          f"\n  objective: {cfg.eval.objective} averaged over NFE {cfg.eval.nfe}, every {cfg.train.eval_every} "
+          f"steps{mlflow}", flush=True)
+    _run_trials(cfg, request, space, state, tune.with_parameters(run_trial, plan=plan, data=data))
+
+
+def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None) -> int:
+    from tim_ray.train.launch import run_dir_of
+
+    _check(cfg, request)
+    space = load_space(request.space, cfg)
+    sweep_dir = run_dir_of(cfg)
+    state = _open_state(sweep_dir, cfg, space, request)
+    parent = _open_parent(cfg, sweep_dir, request.resume)
+    if state.ended_count() < request.num_samples:  # else every trial has ended: write the results again
+        _launch(cfg, request, space, state, parent, address)
+    rows = out.ranked(state.rows(), MODES[cfg.eval.objective])
     _settle_trial_runs(parent, cfg, rows)
     best = _write_results(cfg, space, sweep_dir, rows, parent)
-    done = len(rows) - len(unfinished)
+    done = state.ended_count()
     interrupted = done < request.num_samples
     parent.finish("KILLED" if interrupted else "FINISHED" if best else "FAILED")
     print(out.markdown_table(rows, space, cfg.eval.nfe), flush=True)
