@@ -1,9 +1,11 @@
-"""Does `tim-ray train` on parquet data stay flat in start-up time and memory as the data set grows? One run of
-this script measures every size against the smallest (a benchmark, never a test).
+"""Does `tim-ray train` on parquet data stay flat in start-up time and memory as the data set grows, and does its
+data stream keep up with a plain reader per CPU? One run of this script measures every size against the smallest
+(a benchmark, never a test).
 
-    python benchmarks/data_scale.py [--sizes 20000,200000,2000000] [--steps 20] [--cache-dir DIR] [--timeout 3600]
-                                    [--side 32] [--rows-per-file 50000] [--set SECTION.KEY=VALUE ...] [--json OUT]
-                                    [--work-dir DIR] [--skip-plain] [--tim-ray PATH]
+    python benchmarks/data_scale.py [--sizes 20000,200000,2000000] [--steps 20] [--stream-rows 20000]
+                                    [--cache-dir DIR] [--timeout 3600] [--side 32] [--rows-per-file 50000]
+                                    [--set SECTION.KEY=VALUE ...] [--json OUT] [--work-dir DIR] [--skip-plain]
+                                    [--skip-stream] [--tim-ray PATH]
 
 For each size N (rows):
   data     N rows of 32x32 RGB PNGs (gradients, coloured shapes, light grain) with a `caption` string column that
@@ -12,8 +14,19 @@ For each size N (rows):
            as distinct images would make them (~1.1 kB a row: 2M rows ~ 2.1 GB). The rows cycle through a pool of
            4096 distinct images in a per-file random order. Cached under --cache-dir (default
            ~/.cache/tim-ray/bench-data-scale) and reused; a finished directory holds a `_COMPLETE` marker.
-  plain    a single-process reader over the same files: pyarrow iter_batches, PIL decode, resize to the train size,
-           numpy array, for every row: rows/s (one CPU).
+  plain    a single-process reader over the first --stream-rows rows (all of a smaller set): pyarrow iter_batches,
+           PIL decode, resize to the train size, numpy array: rows/s and rows per CPU-second of this process.
+  stream   the training data stream alone, in a subprocess with its own RAY_TMPDIR and local Ray (as tim-ray train
+           starts it: ray.local_num_cpus logical CPUs):
+           `open_training_data` of the set for class-conditioned pixels (model.conditioning=class, model.codec=pixel:
+           no encoder stage; --set overrides apply first) keeping its first --stream-rows rows (data.max_samples),
+           a warm-up epoch of 1024 rows (Ray's workers started), then one whole epoch of `rank_batches(data, 0, 0,
+           global batch 256, rank 0, world 1, window_cache(data))`, so that nothing produced is left uncounted.
+           Measured over that epoch: rows/s, and the CPU-seconds the run used meanwhile: utime + stime
+           (/proc/PID/stat) of the subprocess and every process under its RAY_TMPDIR (Ray daemons, workers, the
+           window cache), sampled every 0.5 s and at both ends (a process that exits loses at most its last 0.5 s).
+           Rows per CPU-second is the honest "per CPU" figure on a shared machine; CPUs used = CPU-seconds / wall
+           seconds. Target: stream >= 0.9x the plain reader per CPU-second.
   tim-ray  `tim-ray train data.source=parquet data.path=DIR train.steps=--steps train.log_every=1 ...` as a
            subprocess in its own session, with its own RAY_TMPDIR, cwd in a scratch directory, tracking off, no
            checkpoint or sample grid before the last step (eval.nfe=[1]), killed after --timeout seconds. Measured:
@@ -22,27 +35,27 @@ For each size N (rows):
                  earliest reliable signal: the "[tim-ray] step 1/..." stdout line is printed at the same moment by
                  the worker but reaches the driver's stdout only through Ray's log monitor, later. Also shown: the
                  "start" event (the train loop began: model built, Ray Train up) and the driver's
-                 "... usable rows" stdout line (data prepared), when the run prints it.
+                 "... source rows in ... units" stdout line (data opened), when the run prints it.
     peak PSS     max over time of the sum of PSS (/proc/PID/smaps_rollup) over the tim-ray process, all its
                  descendants, and every process whose cmdline or environ names the run's RAY_TMPDIR (Ray daemons
                  and workers, even when reparented), sampled every 0.5 s. Shared pages count once overall (PSS
                  splits them); /dev/shm pages that no process maps (spilled or unmapped plasma) are not counted.
                  The sampling itself costs ~30 ms of CPU per sample with ~35 processes (~5% of one core).
     images/s     tim_ray_images_per_s(): from the event log, rows consumed by training per second over steps 2..N
-                 (the harmonic mean of the per-step images_per_s, i.e. total images / total time, at log_every=1),
-                 with the data-wait share of those steps. It measures what training consumed: equal to the stream's
-                 rate only when the data wait share is high; otherwise a lower bound on what the stream can deliver.
-Then a table per size, the ratios of first-step time and peak memory against the smallest size (target: at most
-1.25x from 20k to 2M rows) and tim-ray images/s per CPU core of the machine against the plain reader's rows/s (one
-core). A failed run prints its exit code and the tail of its stderr and stdout, and the next size still runs.
---work-dir keeps the run directories (stdout.log, stderr.log, events.jsonl); --skip-plain skips the plain reader;
---tim-ray PATH picks the command. The runs inherit this process's environment: PYTHONPATH=<a tim_ray export>
-measures another version of the code with the same venv.
+                 (total images / total time, at log_every=1), with the data-wait share of those steps. It is bounded
+                 by the model: the stream's own rate is the `stream` measurement above.
+Then a table per size: first-step time and peak memory with their ratios against the smallest size (target: at
+most 1.25x from 20k to 2M rows), training images/s and data-wait share, stream rows/s, stream and plain rows per
+CPU-second and their ratio. A failed run prints its exit code and the tail of its stderr and stdout, and the next
+size still runs. --work-dir keeps the run directories (stdout.log, stderr.log, events.jsonl, stream-*.log);
+--skip-plain / --skip-stream skip those measurements; --tim-ray PATH picks the command. The runs inherit this
+process's environment: PYTHONPATH=<a tim_ray export> measures another version of the code with the same venv.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -138,27 +151,51 @@ def data_files(root: Path) -> list[Path]:
     return sorted(root.glob("*.parquet"))
 
 
-def plain_reader_rows_per_s(root: Path, side: int) -> float:
-    """pyarrow iter_batches + PIL decode + resize + numpy, every row of every file, in this one process."""
-    start, rows = time.perf_counter(), 0
+@dataclass
+class Throughput:
+    rows: int = 0
+    wall_s: float = 0.0
+    cpu_s: float | None = None  # CPU-seconds used meanwhile by every process doing the work
+
+    @property
+    def rows_per_s(self) -> float | None:
+        return self.rows / self.wall_s if self.wall_s else None
+
+    @property
+    def rows_per_cpu_s(self) -> float | None:
+        return self.rows / self.cpu_s if self.cpu_s else None
+
+    @property
+    def cpus_used(self) -> float | None:
+        return self.cpu_s / self.wall_s if self.cpu_s and self.wall_s else None
+
+
+def plain_reader(root: Path, side: int, limit: int) -> Throughput:
+    """pyarrow iter_batches + PIL decode + resize + numpy over the first `limit` rows, in this one process."""
+    wall, cpu, rows = time.perf_counter(), time.process_time(), 0
     for path in data_files(root):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["image", "caption"]):
             for blob, _caption in zip(batch.column("image").to_pylist(), batch.column("caption").to_pylist()):
+                if rows == limit:
+                    return Throughput(rows, time.perf_counter() - wall, time.process_time() - cpu)
                 with Image.open(io.BytesIO(blob)) as image:
                     np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC))
                 rows += 1
-    return rows / (time.perf_counter() - start)
+    return Throughput(rows, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-# ------------------------------------------------------------------------------------- process-tree memory (PSS)
-def _stat(pid: str) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process, None if it is gone."""
+# ----------------------------------------------------------------------------------- process-tree memory and CPU
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: str) -> tuple[int, str, int] | None:
+    """(parent pid, start time, CPU ticks used: utime + stime) of a process, None if it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), fields[19]
+    return int(fields[1]), fields[19], int(fields[11]) + int(fields[12])
 
 
 def _mentions(pid: str, ray_tmp: str) -> bool:
@@ -185,41 +222,51 @@ def pss_kib(pid: int | str) -> int:
 
 @dataclass
 class TreeSampler:
-    """Samples the summed PSS of `root` + its descendants + every process under the Ray temp dir `tag` (see
-    _mentions), every `interval_s`."""
+    """Samples `root` + its descendants + every process under the Ray temp dir `tag` (see _mentions) every
+    `interval_s`: the peak of their summed PSS (when `pss`) and each one's latest CPU ticks, kept after it exits."""
     root: int
     tag: str
+    pss: bool = True
     interval_s: float = 0.5
     peak_kib: int = 0
     peak_processes: int = 0
-    pids_seen: set = field(default_factory=set)
+    cpu_ticks: dict = field(default_factory=dict)  # (pid, start time) -> utime + stime at its latest sample
     _tagged: dict = field(default_factory=dict)  # (pid, start time) -> mentions the tag
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def members(self) -> list[str]:
+    def members(self) -> dict[str, tuple[str, int]]:
+        """pid -> (start time, CPU ticks) of every process sampled."""
         stats = {pid: s for pid in os.listdir("/proc") if pid.isdigit() and (s := _stat(pid)) is not None}
         children: dict[int, list[str]] = {}
-        for pid, (ppid, _) in stats.items():
+        for pid, (ppid, _, _) in stats.items():
             children.setdefault(ppid, []).append(pid)
         tree, todo = set(), [str(self.root)] if str(self.root) in stats else []
         while todo:
             pid = todo.pop()
             tree.add(pid)
             todo.extend(children.get(int(pid), []))
-        for pid, (_, started) in stats.items():
+        for pid, (_, started, _) in stats.items():
             if pid not in tree and (pid, started) not in self._tagged:
                 self._tagged[(pid, started)] = _mentions(pid, self.tag)
             if self._tagged.get((pid, started)):
                 tree.add(pid)
-        return sorted(tree)
+        return {pid: stats[pid][1:] for pid in tree}
 
-    def sample(self) -> list[str]:
-        pids = self.members()
-        total = sum(pss_kib(pid) for pid in pids)
-        if total > self.peak_kib:
-            self.peak_kib, self.peak_processes = total, len(pids)
-        self.pids_seen.update(pids)
-        return pids
+    def sample(self) -> None:
+        with self._lock:
+            processes = self.members()
+            for pid, (started, ticks) in processes.items():
+                self.cpu_ticks[(pid, started)] = ticks
+            total = sum(pss_kib(pid) for pid in processes) if self.pss else 0
+            if total > self.peak_kib:
+                self.peak_kib, self.peak_processes = total, len(processes)
+
+    def cpu_snapshot(self) -> dict:
+        """Every sampled process's CPU ticks as of now."""
+        self.sample()
+        with self._lock:
+            return dict(self.cpu_ticks)
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -236,6 +283,11 @@ class TreeSampler:
         self._thread.join()
 
 
+def cpu_seconds_between(before: dict, after: dict) -> float:
+    """CPU-seconds used between two cpu_snapshot()s (a process started in between counts from zero)."""
+    return sum(ticks - before.get(key, 0) for key, ticks in after.items()) / CLOCK_TICKS
+
+
 # ------------------------------------------------------------------------------------------------- tim-ray runs
 @dataclass
 class RunResult:
@@ -244,7 +296,7 @@ class RunResult:
     wall_s: float = 0.0
     first_step_s: float | None = None
     loop_start_s: float | None = None
-    data_ready_s: float | None = None
+    data_open_s: float | None = None
     peak_pss_mib: float = 0.0
     processes_at_peak: int = 0
     images_per_s: float | None = None
@@ -299,13 +351,13 @@ def _stop_run(proc: subprocess.Popen, sampler: TreeSampler) -> None:
 
 
 def _watch_stdout(proc: subprocess.Popen, log: Path, marks: dict, t0: float) -> threading.Thread:
-    """Copies the run's stdout to `log`, noting when the driver reports its data ready."""
+    """Copies the run's stdout to `log`, noting when the driver reports its data opened."""
     def pump() -> None:
         with open(log, "w") as out:
             for line in proc.stdout:
                 out.write(line)
-                if "usable rows" in line and "data_ready" not in marks:
-                    marks["data_ready"] = time.time() - t0
+                if "source rows in" in line and "data_open" not in marks:
+                    marks["data_open"] = time.time() - t0
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     return thread
@@ -338,7 +390,7 @@ def run_train(tim_ray: str, data_dir: Path, rows: int, work: Path, steps: int, s
     pump.join(timeout=10)
     result.exit_code, result.wall_s = proc.returncode, time.time() - t0
     result.peak_pss_mib, result.processes_at_peak = sampler.peak_kib / 1024, sampler.peak_processes
-    result.data_ready_s = marks.get("data_ready")
+    result.data_open_s = marks.get("data_open")
     events = read_events(work / "runs" / name)
     steps_done = [e for e in events if e.get("event") == "metrics"]
     starts = [e for e in events if e.get("event") == "start"]
@@ -356,75 +408,182 @@ def run_train(tim_ray: str, data_dir: Path, rows: int, work: Path, steps: int, s
     return result
 
 
+# ------------------------------------------------------------------------------------------------ stream alone
+STREAM_BATCH = 256
+WARM_UP_ROWS = 1024  # an epoch of this many rows first starts Ray's workers and the pipeline's imports
+STREAM_START, STREAM_END, STREAM_RESULT = "stream: measuring", "stream: measured", "stream result: "
+
+
+def probe_stream(root: Path, rows: int, side: int, overrides: list[str]) -> None:
+    """The stream subprocess (--probe-stream): open the set keeping its first `rows` rows, warm Ray's workers up
+    on a short epoch, then stream one whole epoch (nothing left in flight at the end), printing the markers
+    between which measure_stream counts CPU time, then the result as JSON."""
+    import ray
+
+    from tim_ray.config import load_config
+    from tim_ray.data import open_training_data, rank_batches, window_cache
+    from tim_ray.data.sources import first_rows
+
+    cfg = load_config(overrides=[*overrides, "data.source=parquet", f"data.path='{root}'", f"data.height={side}",
+                                 f"data.width={side}", f"data.max_samples={rows}", "model.conditioning=class",
+                                 "model.codec=pixel"])
+    started = time.perf_counter()
+    data = open_training_data(cfg)  # every footer is read; the units of the first `rows` rows are kept
+    opened = time.perf_counter()
+    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, log_to_driver=False)
+    warm = dataclasses.replace(data, units=first_rows(data.units, WARM_UP_ROWS))
+    for _ in rank_batches(warm, 0, 0, STREAM_BATCH, 0, 1, window_cache(warm)):
+        pass
+    warmed = time.perf_counter()
+    cache = window_cache(data)
+    ray.get(cache.stats.remote())
+    print(STREAM_START, flush=True)
+    begin = time.perf_counter()
+    done = sum(len(batch["sample_id"]) for batch, _ in rank_batches(data, 0, 0, STREAM_BATCH, 0, 1, cache))
+    end = time.perf_counter()
+    print(STREAM_END, flush=True)
+    print(STREAM_RESULT + json.dumps({"open_s": opened - started, "warm_up_s": warmed - opened, "rows": done,
+                                      "wall_s": end - begin, "units": len(data.units),
+                                      "windows": data.layout(0).num_windows, "ray_cpus": cfg.ray.local_num_cpus}),
+          flush=True)
+    ray.shutdown()
+
+
+def measure_stream(root: Path, rows: int, side: int, work: Path, timeout_s: float,
+                   overrides: list[str]) -> tuple[Throughput, dict]:
+    """probe_stream in a subprocess (own session and RAY_TMPDIR, killed after timeout_s): its measured epoch's rows
+    and wall time, and the CPU-seconds its process tree and Ray processes used between its markers."""
+    work.mkdir(parents=True, exist_ok=True)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    command = [sys.executable, __file__, "--probe-stream", str(root), "--stream-rows", str(rows), "--side", str(side),
+               *(f"--set={o}" for o in overrides)]
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+    snapshots, info = [], {}
+    with open(work / "stream-stderr.log", "w") as stderr, open(work / "stream-stdout.log", "w") as stdout:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                text=True, start_new_session=True)
+        watchdog = threading.Timer(timeout_s, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
+        with TreeSampler(proc.pid, str(ray_tmp), pss=False) as sampler:
+            try:
+                for line in proc.stdout:
+                    stdout.write(line)
+                    if line.startswith((STREAM_START, STREAM_END)):
+                        snapshots.append(sampler.cpu_snapshot())
+                    elif line.startswith(STREAM_RESULT):
+                        info = json.loads(line[len(STREAM_RESULT):])
+                proc.wait()
+            finally:
+                watchdog.cancel()
+                _stop_run(proc, sampler)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    if len(snapshots) != 2 or not info:
+        print(f"  stream FAILED (exit code {proc.returncode}). stderr tail:\n{_tail(work / 'stream-stderr.log')}",
+              flush=True)
+        return Throughput(), info
+    return Throughput(info["rows"], info["wall_s"], cpu_seconds_between(*snapshots)), info
+
+
 # ------------------------------------------------------------------------------------------------------ report
 def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(results: list[RunResult], plain: dict[int, float], sizes_mib: dict[int, float], cores: int) -> None:
-    print(f"\n{'rows':>9} {'data MiB':>9} {'first step s':>12} {'loop start s':>12} {'data ready s':>12} "
-          f"{'peak PSS MiB':>12} {'procs':>5} {'tim-ray img/s':>13} {'data wait':>9} {'plain rows/s':>12}  status")
-    for r in results:
-        print(f"{r.rows:>9} {sizes_mib[r.rows]:>9.0f} {_fmt(r.first_step_s):>12} {_fmt(r.loop_start_s):>12} "
-              f"{_fmt(r.data_ready_s):>12} {r.peak_pss_mib:>12.0f} {r.processes_at_peak:>5} "
-              f"{_fmt(r.images_per_s):>13} {_fmt(r.data_wait_share, '.0%'):>9} {plain[r.rows]:>12.0f}  "
-              f"{r.failure or 'ok'}")
+def _ratio(value, base) -> float | None:
+    return value / base if value and base else None
+
+
+def report(results: list[RunResult], plain: dict[int, Throughput], stream: dict[int, Throughput],
+           sizes_mib: dict[int, float], cores: int) -> None:
     base = results[0]
-    print(f"\nratios against {base.rows} rows (target: at most 1.25x):")
-    for r in results[1:]:
-        first = r.first_step_s / base.first_step_s if r.first_step_s and base.first_step_s else None
-        memory = r.peak_pss_mib / base.peak_pss_mib if base.peak_pss_mib else None
-        verdict = "within" if first and memory and max(first, memory) <= 1.25 else "OVER or unknown"
-        print(f"  {r.rows:>9} rows: first step {_fmt(first, '.2f')}x, peak PSS {_fmt(memory, '.2f')}x  ({verdict})")
-    print(f"\ntim-ray images/s per core ({cores} cores) against the plain reader's rows/s (one core):")
+    print(f"\n{'rows':>9} {'data MiB':>8} {'first step s':>12} {'x':>5} {'peak PSS MiB':>12} {'x':>5} "
+          f"{'train img/s':>11} {'data wait':>9} {'stream rows/s':>13} {'CPUs':>4} {'stream rows/CPU-s':>17} "
+          f"{'plain rows/CPU-s':>16} {'stream/plain':>12}  status")
     for r in results:
-        per_core = r.images_per_s / cores if r.images_per_s else None
-        ratio = per_core / plain[r.rows] if per_core and plain[r.rows] else None
-        print(f"  {r.rows:>9} rows: {_fmt(per_core)} images/s/core vs {plain[r.rows]:.0f} rows/s -> "
-              f"{_fmt(ratio, '.3f')}x (training consumes this much; data wait {_fmt(r.data_wait_share, '.0%')})")
+        s, p = stream.get(r.rows, Throughput()), plain[r.rows]
+        print(f"{r.rows:>9} {sizes_mib[r.rows]:>8.0f} {_fmt(r.first_step_s):>12} "
+              f"{_fmt(_ratio(r.first_step_s, base.first_step_s), '.2f'):>5} {r.peak_pss_mib:>12.0f} "
+              f"{_fmt(_ratio(r.peak_pss_mib, base.peak_pss_mib), '.2f'):>5} {_fmt(r.images_per_s):>11} "
+              f"{_fmt(r.data_wait_share, '.0%'):>9} {_fmt(s.rows_per_s, '.0f'):>13} {_fmt(s.cpus_used):>4} "
+              f"{_fmt(s.rows_per_cpu_s, '.0f'):>17} {_fmt(p.rows_per_cpu_s, '.0f'):>16} "
+              f"{_fmt(_ratio(s.rows_per_cpu_s, p.rows_per_cpu_s), '.2f'):>12}  {r.failure or 'ok'}")
+    print(f"x: against {base.rows} rows (target: at most 1.25x). data wait: share of training step time, steps 2+.\n"
+          "stream: one epoch of rank_batches alone (one rank) after a warm-up; CPUs: the CPU-seconds it used, its\n"
+          f"Ray processes included, per wall second, on {cores} cores (Ray given ray.local_num_cpus logical CPUs).\n"
+          "stream/plain: rows per CPU-second against the single-process plain reader's (target: at least 0.9x).")
+    for r in results[1:]:
+        first, memory = _ratio(r.first_step_s, base.first_step_s), _ratio(r.peak_pss_mib, base.peak_pss_mib)
+        verdict = "within" if first and memory and max(first, memory) <= 1.25 else "OVER or unknown"
+        print(f"  {r.rows:>9} rows: first step {_fmt(first, '.2f')}x, peak PSS {_fmt(memory, '.2f')}x ({verdict})")
+    for rows, s in stream.items():
+        ratio = _ratio(s.rows_per_cpu_s, plain[rows].rows_per_cpu_s)
+        verdict = "meets" if ratio and ratio >= 0.9 else "BELOW or unknown"
+        print(f"  {rows:>9} rows: stream {_fmt(ratio, '.2f')}x the plain reader per CPU-second ({verdict})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000,200000,2000000", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--stream-rows", type=int, default=20000,
+                        help="rows the stream and the plain reader handle per size (all of a smaller set)")
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--rows-per-file", type=int, default=50000)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tim-ray" / "bench-data-scale")
     parser.add_argument("--work-dir", type=Path, default=None, help="run directories (default: a temp dir, removed)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per tim-ray run")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per tim-ray run and per stream run")
     parser.add_argument("--tim-ray", default=str(Path(sys.executable).with_name("tim-ray")))
-    parser.add_argument("--skip-plain", action="store_true", help="skip the plain reader (reported as 0)")
+    parser.add_argument("--skip-plain", action="store_true", help="skip the plain reader")
+    parser.add_argument("--skip-stream", action="store_true", help="skip the stream measurement")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="an extra override for tim-ray train, e.g. ray.local_num_cpus=4")
+                        help="an extra override for tim-ray train and the stream, e.g. data.decode_tasks=4")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--probe-stream", type=Path, default=None, help=argparse.SUPPRESS)  # measure_stream's child
     args = parser.parse_args()
+    if args.probe_stream:
+        probe_stream(args.probe_stream, args.stream_rows, args.side, args.set)
+        return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     cores = os.cpu_count() or 1
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="data_scale_"))
-    print(f"data scale benchmark: sizes {sizes}, {args.steps} steps, {cores} cores, "
+    print(f"data scale benchmark: sizes {sizes}, {args.steps} steps, {args.stream_rows} stream rows, {cores} cores, "
           f"load average {os.getloadavg()[0]:.1f}, cache {args.cache_dir}, runs in {work}", flush=True)
-    results, plain, sizes_mib = [], {}, {}
+    results, plain, stream, sizes_mib = [], {}, {}, {}
     try:
         for rows in sizes:
             print(f"\n== {rows} rows", flush=True)
             root = dataset(args.cache_dir, rows, args.side, args.rows_per_file)
             sizes_mib[rows] = sum(p.stat().st_size for p in data_files(root)) / 2**20
-            plain[rows] = 0.0 if args.skip_plain else plain_reader_rows_per_s(root, args.side)
-            print(f"  plain reader: {plain[rows]:.0f} rows/s", flush=True)
+            plain[rows] = Throughput() if args.skip_plain else plain_reader(root, args.side, args.stream_rows)
+            p = plain[rows]
+            print(f"  plain reader: {p.rows} rows, {_fmt(p.rows_per_s, '.0f')} rows/s, "
+                  f"{_fmt(p.rows_per_cpu_s, '.0f')} rows/CPU-s", flush=True)
+            if not args.skip_stream:
+                stream[rows], info = measure_stream(root, args.stream_rows, args.side, work / f"rows{rows}",
+                                                    args.timeout, args.set)
+                s = stream[rows]
+                print(f"  stream: {s.rows} rows, {_fmt(s.rows_per_s, '.0f')} rows/s, {_fmt(s.cpu_s)} CPU-s "
+                      f"({_fmt(s.cpus_used)} CPUs), {_fmt(s.rows_per_cpu_s, '.0f')} rows/CPU-s; open "
+                      f"{_fmt(info.get('open_s'), '.2f')} s, Ray start + warm-up {_fmt(info.get('warm_up_s'))} s; "
+                      f"{info.get('units')} units, {info.get('windows')} windows, Ray with {info.get('ray_cpus')} "
+                      "logical CPUs", flush=True)
             results.append(run_train(args.tim_ray, root, rows, work / f"rows{rows}", args.steps, args.side,
                                      args.timeout, args.set))
             r = results[-1]
-            print(f"  tim-ray: first step {_fmt(r.first_step_s)} s, peak PSS {r.peak_pss_mib:.0f} MiB, "
-                  f"{_fmt(r.images_per_s)} images/s, wall {r.wall_s:.0f} s; data report: {r.data_report}", flush=True)
+            print(f"  tim-ray: data open {_fmt(r.data_open_s)} s, loop start {_fmt(r.loop_start_s)} s, first step "
+                  f"{_fmt(r.first_step_s)} s, peak PSS {r.peak_pss_mib:.0f} MiB ({r.processes_at_peak} processes), "
+                  f"{_fmt(r.images_per_s)} images/s, data wait {_fmt(r.data_wait_share, '.0%')}, wall "
+                  f"{r.wall_s:.0f} s; data report: {r.data_report}", flush=True)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report(results, plain, sizes_mib, cores)
+    report(results, plain, stream, sizes_mib, cores)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine skew every figure)")
     if args.json:
-        args.json.write_text(json.dumps({"results": [asdict(r) for r in results], "plain_rows_per_s": plain,
-                                         "data_mib": sizes_mib, "cores": cores}, indent=1))
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results], "cores": cores,
+                                         "plain": {rows: asdict(t) for rows, t in plain.items()},
+                                         "stream": {rows: asdict(t) for rows, t in stream.items()},
+                                         "data_mib": sizes_mib}, indent=1))
 
 
 if __name__ == "__main__":
