@@ -41,7 +41,7 @@ from tim_ray.data.encode import EncoderSpec, add_encode_stages, check_encoders
 from tim_ray.data.records import DataError
 from tim_ray.data.rejects import count_reasons, rejects_sorted
 from tim_ray.data.stream import clean_batch, regroup
-from tim_ray.data.windows import unit_samples
+from tim_ray.data.windows import raw_table
 
 MANIFEST, NULL_TEXT, PLAN = "manifest.json", "null_text.npz", "plan.json"
 SHARD_ROWS = 4096  # source rows per shard
@@ -104,10 +104,7 @@ def _read_shard(item: pa.Table, *, data: StreamingData, out: str, chunk_rows: in
     bucket in encoder chunks (`group`); the rejects file written here. A shard without a usable row is finished
     here (its summary written)."""
     shard, units = item["shard"][0].as_py(), item["units"][0].as_py()
-    from tim_ray.data.windows import RAW_SCHEMA, raw_row
-
-    rows = pa.Table.from_pylist([raw_row(sample, data.geometry) for u in units
-                                 for sample in unit_samples(data.source, data.units[u])], schema=RAW_SCHEMA)
+    rows = raw_table(data.source, [data.units[u] for u in units], data.geometry)
     table, rejects = clean_batch(rows, data, epoch=0)
     name = Path(out) / _shard_name(shard)
     lines = "".join(json.dumps(r) + "\n" for r in rejects_sorted(rejects))
