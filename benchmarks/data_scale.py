@@ -20,8 +20,9 @@ For each size N (rows):
            starts it: ray.local_num_cpus logical CPUs):
            `open_training_data` of the set for class-conditioned pixels (model.conditioning=class, model.codec=pixel:
            no encoder stage; --set overrides apply first) keeping its first --stream-rows rows (data.max_samples),
-           a warm-up epoch of 1024 rows (Ray's workers started), then one whole epoch of `rank_batches(data, 0, 0,
-           global batch 256, rank 0, world 1, window_cache(data))`, so that nothing produced is left uncounted.
+           epoch 0 as a warm-up (every Ray worker the stream uses started, each importing torch once), then the
+           whole of epoch 1 (another order, windows read anew) of `rank_batches(data, 1, 0, global batch 256,
+           rank 0, world 1, cache)`, so that nothing produced is left uncounted: the steady state of a long run.
            Measured over that epoch: rows/s, and the CPU-seconds the run used meanwhile: utime + stime
            (/proc/PID/stat) of the subprocess and every process under its RAY_TMPDIR (Ray daemons, workers, the
            window cache), sampled every 0.5 s and at both ends (a process that exits loses at most its last 0.5 s).
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -410,7 +410,6 @@ def run_train(tim_ray: str, data_dir: Path, rows: int, work: Path, steps: int, s
 
 # ------------------------------------------------------------------------------------------------ stream alone
 STREAM_BATCH = 256
-WARM_UP_ROWS = 1024  # an epoch of this many rows first starts Ray's workers and the pipeline's imports
 STREAM_START, STREAM_END, STREAM_RESULT = "stream: measuring", "stream: measured", "stream result: "
 
 
@@ -422,7 +421,6 @@ def probe_stream(root: Path, rows: int, side: int, overrides: list[str]) -> None
 
     from tim_ray.config import load_config
     from tim_ray.data import open_training_data, rank_batches, window_cache
-    from tim_ray.data.sources import first_rows
 
     cfg = load_config(overrides=[*overrides, "data.source=parquet", f"data.path='{root}'", f"data.height={side}",
                                  f"data.width={side}", f"data.max_samples={rows}", "model.conditioning=class",
@@ -431,15 +429,13 @@ def probe_stream(root: Path, rows: int, side: int, overrides: list[str]) -> None
     data = open_training_data(cfg)  # every footer is read; the units of the first `rows` rows are kept
     opened = time.perf_counter()
     ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, log_to_driver=False)
-    warm = dataclasses.replace(data, units=first_rows(data.units, WARM_UP_ROWS))
-    for _ in rank_batches(warm, 0, 0, STREAM_BATCH, 0, 1, window_cache(warm)):
+    cache = window_cache(data)
+    for _ in rank_batches(data, 0, 0, STREAM_BATCH, 0, 1, cache):  # epoch 0 starts every worker the stream uses
         pass
     warmed = time.perf_counter()
-    cache = window_cache(data)
-    ray.get(cache.stats.remote())
     print(STREAM_START, flush=True)
     begin = time.perf_counter()
-    done = sum(len(batch["sample_id"]) for batch, _ in rank_batches(data, 0, 0, STREAM_BATCH, 0, 1, cache))
+    done = sum(len(batch["sample_id"]) for batch, _ in rank_batches(data, 1, 0, STREAM_BATCH, 0, 1, cache))
     end = time.perf_counter()
     print(STREAM_END, flush=True)
     print(STREAM_RESULT + json.dumps({"open_s": opened - started, "warm_up_s": warmed - opened, "rows": done,
