@@ -127,7 +127,7 @@ def window_cache(data: StreamingData, name: str | None = None):
     from tim_ray.data.windows import WindowCache
 
     options = {"name": name, "get_if_exists": True} if name else {}
-    return WindowCache.options(**options).remote([ray.put(data)], data.window_cache)
+    return WindowCache.options(scheduling_strategy="DEFAULT", **options).remote([ray.put(data)], data.window_cache)
 
 
 def image_channels(cfg) -> int:

@@ -112,7 +112,10 @@ class WindowCache:
 
     def _ensure(self, key: tuple[int, int]) -> ray.ObjectRef:
         if key not in self.cached:
-            self.cached[key] = _read_window_task.remote(self.data_ref, *key)
+            # An explicit strategy: the read is nobody's child in a placement group. Inside a Tune trial (which
+            # captures child tasks into the trial's group) it would otherwise wait forever for a CPU of a bundle
+            # the training worker holds.
+            self.cached[key] = _read_window_task.options(scheduling_strategy="DEFAULT").remote(self.data_ref, *key)
             self.reads += 1
         self.cached.move_to_end(key)
         while len(self.cached) > self.keep:
