@@ -40,14 +40,14 @@ from tim_ray.data.batches import StreamingData, open_training_data
 from tim_ray.data.encode import EncoderSpec, add_encode_stages, check_encoders
 from tim_ray.data.records import DataError
 from tim_ray.data.rejects import count_reasons, rejects_sorted
-from tim_ray.data.stream import clean_batch, regroup
+from tim_ray.data.stream import clean_batch
 from tim_ray.data.windows import raw_table
 
 MANIFEST, NULL_TEXT, PLAN = "manifest.json", "null_text.npz", "plan.json"
 SHARD_ROWS = 4096  # source rows per shard
 ROW_GROUP_ROWS = 512  # rows per parquet row group: the unit training reads and shuffles
 PROGRESS_EVERY_S = 10.0
-DROPPED_COLUMNS = ("group", "global_rows", "filler", "rejects", "noise_seed")
+DROPPED_COLUMNS = ("group", "rejects", "noise_seed", "shard")  # the pipeline's own columns
 
 
 def data_signature(cfg) -> dict:
@@ -134,7 +134,7 @@ class _ShardWriter:
     def __call__(self, table: pa.Table) -> pa.Table:
         shard = int(table["shard"][0].as_py())
         rejects = json.loads(table["rejects"][0].as_py() or "[]")
-        table = table.drop_columns([c for c in (*DROPPED_COLUMNS, "shard") if c in table.column_names])
+        table = table.drop_columns(list(DROPPED_COLUMNS))
         name = self.out / _shard_name(shard)
         _write_atomically(name.with_suffix(".parquet"),
                           lambda path: pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS))

@@ -38,7 +38,6 @@ RUN_AHEAD_BYTES = 128 * 2**20
 # Windows per Ray Data execution: an epoch of a huge set runs as several executions of this many windows, so
 # planning an execution never costs more than this many tiny blocks.
 WINDOWS_PER_PIPELINE = 256
-PLAN_COLUMNS = ("group", "global_rows", "filler", "rejects")
 
 
 class IdleBackoff(ExecutionCallback):

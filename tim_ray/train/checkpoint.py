@@ -62,11 +62,11 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("tim-ray", "torch", "ray"):
+    for package in ("tim-ray", "torch", "ray"):
         try:
-            out[dist] = importlib.metadata.version(dist)
+            out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            out[dist] = "unknown"
+            out[package] = "unknown"
     return out
 
 
