@@ -70,3 +70,18 @@ def list_files(location: str, extensions: tuple[str, ...], sidecars: tuple[str, 
         raise DataError(f"no {'/'.join(extensions)} files found at data.path '{location}'")
     extra = frozenset(k for k in relative if sidecars and k.endswith(sidecars))
     return FileSet(location=location, root=root, keys=tuple(keys), sidecars=extra)
+
+
+class FileSource:
+    """What the file sources (parquet, webdataset, folder) share as data sets: a path, RGB, no classes or metric
+    of their own (labels in the files are the user's)."""
+
+    needs_path = True
+    grey = False
+    num_classes = None
+    metrics = ()
+
+    @staticmethod
+    def check(cfg) -> None:
+        if not cfg.data.path and not cfg.data.precomputed:
+            raise DataError(f"data.source = '{cfg.data.source}' needs data.path (a directory, glob or URI)")

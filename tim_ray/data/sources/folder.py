@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from tim_ray.data.records import INVALID_CAPTION, DataError, RawSample, stable_id
-from tim_ray.data.sources.filesystem import FileSet, list_files
+from tim_ray.data.records import INVALID_CAPTION, RawSample, stable_id
+from tim_ray.data.sources.filesystem import FileSet, FileSource, list_files
 from tim_ray.data.sources.webdataset import CAPTION_FIELDS, IMAGE_EXTENSIONS
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -36,17 +36,8 @@ def parse_captions_jsonl(data: bytes) -> tuple[dict[str, object], list[dict]]:
     return captions, invalid
 
 
-class FolderSource:
+class FolderSource(FileSource):
     name = "folder"
-    needs_path = True
-    grey = False
-    num_classes = None  # labels, when a file has them, are the user's
-    metrics = ()
-
-    @staticmethod
-    def check(cfg) -> None:
-        if not cfg.data.path and not cfg.data.precomputed:
-            raise DataError(f"data.source = '{cfg.data.source}' needs data.path (a directory, glob or URI)")
 
     def __init__(self, path: str):
         self.files: FileSet = list_files(path, IMAGE_EXTENSIONS + ("txt", "jsonl"))

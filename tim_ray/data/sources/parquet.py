@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tim_ray.data.records import DataError, RawSample, stable_id
-from tim_ray.data.sources.filesystem import FileSet, list_files
+from tim_ray.data.sources.filesystem import FileSet, FileSource, list_files
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")
 CAPTION_COLUMNS = ("captions", "caption", "text", "txt")
@@ -39,17 +39,8 @@ def _pick(names: list[str], chosen: str, candidates: tuple[str, ...], what: str,
                     f"set data.{what}_column")
 
 
-class ParquetSource:
+class ParquetSource(FileSource):
     name = "parquet"
-    needs_path = True
-    grey = False
-    num_classes = None  # labels, when a file has them, are the user's
-    metrics = ()
-
-    @staticmethod
-    def check(cfg) -> None:
-        if not cfg.data.path and not cfg.data.precomputed:
-            raise DataError(f"data.source = '{cfg.data.source}' needs data.path (a directory, glob or URI)")
 
     def __init__(self, path: str, image_column: str = "", caption_column: str = ""):
         self.files: FileSet = list_files(path, ("parquet",))

@@ -18,8 +18,8 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from tim_ray.data.records import CAPTION_NOT_UTF8, INVALID_CAPTION, DataError, RawSample, stable_id
-from tim_ray.data.sources.filesystem import FileSet, list_files
+from tim_ray.data.records import CAPTION_NOT_UTF8, INVALID_CAPTION, RawSample, stable_id
+from tim_ray.data.sources.filesystem import FileSet, FileSource, list_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHARD_EXTENSIONS = ("tar", "tar.gz", "tgz")
@@ -77,17 +77,8 @@ def _shard_stem(shard: str) -> str:
     return shard
 
 
-class WebDatasetSource:
+class WebDatasetSource(FileSource):
     name = "webdataset"
-    needs_path = True
-    grey = False
-    num_classes = None  # labels, when a file has them, are the user's
-    metrics = ()
-
-    @staticmethod
-    def check(cfg) -> None:
-        if not cfg.data.path and not cfg.data.precomputed:
-            raise DataError(f"data.source = '{cfg.data.source}' needs data.path (a directory, glob or URI)")
 
     def __init__(self, path: str):
         self.files: FileSet = list_files(path, SHARD_EXTENSIONS, sidecars=(STATS_SUFFIX,))
