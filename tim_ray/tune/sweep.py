@@ -156,26 +156,17 @@ def _write_results(cfg: Config, space: Space, sweep_dir: Path, rows: list[out.Tr
     return best
 
 
-def _training_data(cfg: Config, sweep_dir: Path):
-    """The data every trial trains on, prepared once. tim_ray.data is moving from load_training_data (the data
-    itself) to open_training_data (a description the workers stream from); this takes whichever it has."""
-    from tim_ray.data import batches
-
-    if hasattr(batches, "open_training_data"):
-        return batches.open_training_data(cfg)
-    return batches.load_training_data(cfg, sweep_dir)
-
-
 def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState, parent: Tracker,
             address: str | None) -> None:
     """Start or join Ray, load the data once for every trial, and run the trials the sweep still needs."""
     from ray import tune
 
+    from tim_ray.data.batches import open_training_data
     from tim_ray.train.launch import start_ray
 
     sweep_dir = state.path.parent
     print(f"tim-ray tune: {start_ray(cfg, address)}; preparing data ({cfg.data.source})", flush=True)
-    data = _training_data(cfg, sweep_dir)
+    data = open_training_data(cfg)
     plan = TrialPlan(base=to_dict(cfg), sweep_dir=str(sweep_dir),
                      tracking_uri=tracking_uri(cfg, sweep_dir) if parent.enabled else "",
                      parent_run_id=parent.run_id)
