@@ -2,8 +2,8 @@
 this rank's rows of each global batch taken, decoded, checked, augmented -> text-encoder and codec actor pools ->
 one Arrow table per batch, in order -> `to_batch`.
 
-Memory is bounded by what is in flight: the windows the cache keeps, `data.decode_tasks` windows being cut into
-batches, and RUN_AHEAD_BYTES of finished batches. Nothing is held per row of the data set.
+Memory is bounded by what is in flight: the windows the cache keeps, `data.decode_tasks` batches being decoded
+(one Ray task each) and RUN_AHEAD_BYTES of finished batches. Nothing is held per row of the data set.
 
 A batch travels as one Ray Data block, never split (target_max_block_size = None), so every encoder call sees
 exactly one batch; `preserve_order` keeps batches in plan order, and `regroup` cuts the output back into batches
@@ -35,9 +35,10 @@ from tim_ray.data.records import RawSample
 from tim_ray.data.tensors import row_tensors, stacked, with_tensor
 
 RUN_AHEAD_BYTES = 128 * 2**20
-# Windows per Ray Data execution: an epoch of a huge set runs as several executions of this many windows, so
-# planning an execution never costs more than this many tiny blocks.
-WINDOWS_PER_PIPELINE = 256
+# Windows per Ray Data execution: an epoch of a huge set runs as several executions of this many windows (one
+# input block per batch: 64 windows of 8192 rows in batches of 64 are 8192 blocks to plan), and each execution
+# starts its encoder actors anew.
+WINDOWS_PER_PIPELINE = 64
 
 
 class IdleBackoff(ExecutionCallback):
@@ -152,10 +153,20 @@ def _take(layout, window_table, positions: np.ndarray) -> pa.Table:
     return pa.concat_tables([window_table(int(w)).take(local[windows == w]) for w in np.unique(windows)])
 
 
-def window_groups(item: pa.Table, *, data, epoch: int, start: int, global_batch: int | None, rank: int,
-                  world: int, cache) -> Iterator[pa.Table]:
-    """Ray Data map: a window index -> this rank's share of each global batch that starts in that window."""
-    window = item["window"][0].as_py()
+def _window_plan(layout, data, window: int, start: int, global_batch: int | None, window_table) -> list:
+    """The global batches planned in a window: those that start in it (fixed size), or its bucketed batches after
+    `start` (read from the window's bucket column)."""
+    if global_batch is not None:
+        return fixed_batches(layout, start, global_batch, window=window)
+    buckets = window_table(window)["bucket"].to_numpy()
+    return [b for b in window_batches(layout, window, buckets, data.bucket_batch_sizes) if b.after > start]
+
+
+def batch_group(item: pa.Table, *, data, epoch: int, start: int, global_batch: int | None, rank: int,
+                world: int, cache) -> Iterator[pa.Table]:
+    """Ray Data map: (window, slot) -> this rank's share of that window's slot-th planned global batch, or nothing
+    when the window plans fewer batches (bucketed windows: the slots are an upper bound)."""
+    window, slot = item["window"][0].as_py(), item["slot"][0].as_py()
     layout = data.layout(epoch)
     tables: dict[int, pa.Table] = {}
 
@@ -164,18 +175,23 @@ def window_groups(item: pa.Table, *, data, epoch: int, start: int, global_batch:
             tables[w] = ray.get(ray.get(cache.window.remote(epoch, w))[0])
         return tables[w]
 
+    planned = _window_plan(layout, data, window, start, global_batch, window_table)
+    if slot >= len(planned):
+        return
+    batch = planned[slot]
+    rows = _take(layout, window_table, rank_slice(batch.positions, rank, world))
+    if data.precomputed:
+        yield _plan_columns(augment_precomputed(rows, data, epoch), batch, [], False)
+        return
+    table, rejects = clean_batch(rows, data, epoch)
+    yield _plan_columns(filler_row(data) if table is None else table, batch, rejects, table is None)
+
+
+def _slots(layout, data, window: int, start: int, global_batch: int | None) -> int:
+    """How many batches window `window` can plan: exact for fixed size, an upper bound for buckets."""
     if global_batch is not None:
-        planned = fixed_batches(layout, start, global_batch, window=window)
-    else:
-        buckets = window_table(window)["bucket"].to_numpy()
-        planned = [b for b in window_batches(layout, window, buckets, data.bucket_batch_sizes) if b.after > start]
-    for batch in planned:
-        rows = _take(layout, window_table, rank_slice(batch.positions, rank, world))
-        if data.precomputed:
-            yield _plan_columns(augment_precomputed(rows, data, epoch), batch, [], False)
-            continue
-        table, rejects = clean_batch(rows, data, epoch)
-        yield _plan_columns(filler_row(data) if table is None else table, batch, rejects, table is None)
+        return len(fixed_batches(layout, start, global_batch, window=window))
+    return -(-layout.window_size(window) // int(min(data.bucket_batch_sizes)))
 
 
 def _configure(ds: ray.data.Dataset) -> None:
@@ -210,10 +226,15 @@ def rank_stream(data, epoch: int, start: int, global_batch: int | None, rank: in
     layout = data.layout(epoch)
     first = int(layout.window_of(start)) if start < layout.num_rows else layout.num_windows
     for chunk in range(first, layout.num_windows, WINDOWS_PER_PIPELINE):
-        windows = list(range(chunk, min(chunk + WINDOWS_PER_PIPELINE, layout.num_windows)))
-        ds = ray.data.from_items([{"window": w} for w in windows], override_num_blocks=len(windows))
+        items = [{"window": w, "slot": k} for w in range(chunk, min(chunk + WINDOWS_PER_PIPELINE, layout.num_windows))
+                 for k in range(_slots(layout, data, w, start, global_batch))]
+        if not items:
+            continue
+        # One item (so one task, one output block) per batch: a block is emitted when its task ends, so a task per
+        # window would hold every batch of the window back until the last one is decoded.
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         _configure(ds)
-        ds = ds.map_batches(window_groups, batch_size=1, batch_format="pyarrow",
+        ds = ds.map_batches(batch_group, batch_size=1, batch_format="pyarrow",
                             compute=ray.data.TaskPoolStrategy(size=data.decode_tasks),
                             fn_kwargs={"data": data, "epoch": epoch, "start": start, "global_batch": global_batch,
                                        "rank": rank, "world": world, "cache": cache})
