@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tim_ray.config import ConfigError, SampleConfig
-from tim_ray.data.sources import check_metric
+from tim_ray.data.sources import check_metric, source_class
 from tim_ray.eval.conditions import fashion_mnist_prompts
 from tim_ray.eval.generate import ImagePipeline, slice_conditions
 
@@ -67,6 +67,10 @@ def check_request(request: EvalRequest, cfg) -> None:
             check_metric(cfg, metric, "metric")
     if any(m in INCEPTION_METRICS for m in request.metrics) and not request.inception:
         raise ConfigError("fid_inception/kid_inception need --inception PATH (a TorchScript Inception)")
+    classes = source_class(cfg.data.source).num_classes  # scoring compares with the source's own classes
+    if cfg.model.conditioning == "class" and classes and cfg.model.num_classes != classes:
+        raise ConfigError(f"a class-conditional {cfg.data.source} model must have {classes} classes, got "
+                          f"{cfg.model.num_classes}")
 
 
 def eval_targets(cfg, count: int) -> EvalTargets:
