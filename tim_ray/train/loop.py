@@ -136,6 +136,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     control = loop_config.get("control")
     log = RunLog(cfg, run_dir, rank, world, tracker_ids=loop_config["mlflow"], control=control)
     log.start(state, model)
+    if state.step >= cfg.train.steps and cfg.eval.objective:
+        # Nothing left to train, but the run that wrote the last checkpoint may have died before reporting its
+        # final evaluation (a Tune trial cut right after it): report it again from these weights, deterministically.
+        from tim_ray.tune.objective import objective_scores
+
+        ray.train.report({"step": state.step, **objective_scores(cfg, model, ema, feed, path)})
     samples_log = SampleLog(run_dir, rank, world, state.step) if cfg.train.sample_log else None
     feed.track_rejects(run_dir, state)
     stops = StopChecks(cfg.checkpoint.stop_check_every, control, rank, device)
