@@ -11,6 +11,11 @@ complete and verified checkpoint: tim_ray.train.checkpoints_on_disk) and returns
 weights are used by default when the source has them. Every source is verified against its checksums before it is
 read; a mismatch is a CheckpointError (exit 1) naming the file.
 
+Exports are self-contained: a codec or text encoder that the config names by a local directory is copied into the
+export (DIR/codec/, DIR/text_encoder/) and config.toml names it by a path relative to the export, which the loader
+resolves against the export directory. Hub ids, "pixel" and "minilm" stay as they are. So an export still samples
+after it, or the directory the codec came from, is moved.
+
 Safety: exports are read with safetensors only. A DCP checkpoint keeps its index in a pickle (`dcp/.metadata`);
 before torch.distributed.checkpoint reads it, it is opened (tim_ray.train.checkpoint.read_index) with an unpickler
 that admits only the DCP metadata classes, so a crafted checkpoint cannot run code, and every entry we load must
@@ -21,12 +26,14 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tim_ray.config import Config, ConfigError, dump_toml, from_dict, load_config
+from tim_ray.models.hub import SAVED_DIR
 from tim_ray.models.registry import build_model
 from tim_ray.train import checksums
 from tim_ray.train.checkpoint import (DCP_DIR, INDEX_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
@@ -39,6 +46,10 @@ INFO_FILE = "export.json"
 EMA, TRAINED = "ema", "model"  # the two weight sets of a checkpoint, named by their DCP prefix
 PATCH_WEIGHT = "x_embedder.proj.weight"  # (hidden, in_channels, p, p): tells the input channels
 CAPTION_NORM_WEIGHT = "y_embedder.norm.weight"  # (text_dim,): present only in text-conditional models
+PROJECTOR = "projector."  # the REPA projector's parameters: used by training only, never by sampling
+# Config keys that may name a local directory, and where an export keeps its copy of it
+BUNDLED = {"codec": "codec", "text_encoder": "text_encoder"}
+BUILT_IN = {"pixel", "minilm"}  # values of those keys that name no file
 
 
 class ExportError(ConfigError):
@@ -138,6 +149,28 @@ def _model_for(cfg: Config, shapes: dict[str, tuple[int, ...]], where: Path, dev
     return build_model(cfg.model, in_channels=in_channels, text_dim=text_dim, device=device)
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+def fit_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where, optional: tuple[str, ...] = ()
+                   ) -> None:
+    """Load `tensors` into `model`, every key and shape exactly, except that parameters under an `optional` prefix
+    may be absent (they keep their initialisation). Else ExportError, one line naming the missing and unexpected
+    keys and the shape mismatches (torch's own message starts with a line that names none of them)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not k.startswith(optional)]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [f"{k} {tuple(tensors[k].shape)} (model: {tuple(v.shape)})" for k, v in expected.items()
+                  if k in tensors and tensors[k].shape != v.shape]
+    problems = [f"{what}: {_few(keys)}" for what, keys in
+                [("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)] if keys]
+    if problems:
+        raise ExportError(f"{where} does not fit the model ({model.__class__.__name__} of its config): "
+                          f"{'; '.join(problems)}")
+    model.load_state_dict(tensors, strict=not optional)
+
+
 def _pick(ema: bool | None, has_ema: bool, where: Path) -> str:
     if ema and not has_ema:
         raise ExportError(f"{where} holds no EMA weights (ema.enabled was false, or it was exported without "
@@ -171,7 +204,7 @@ def _load_export(directory: Path, ema: bool | None, device) -> InferenceModel:
 
     checksums.verify(directory)
     info = read_export_info(directory)
-    cfg = load_config(directory / CONFIG_FILE)
+    cfg = _with_bundled_paths(load_config(directory / CONFIG_FILE), directory)
     held = info.get("weights")
     wanted = _pick(ema, held == EMA, directory)
     if wanted != held:
@@ -182,11 +215,7 @@ def _load_export(directory: Path, ema: bool | None, device) -> InferenceModel:
     except (SafetensorError, OSError) as exc:
         raise ExportError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from None
     model = _model_for(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, directory, "cpu")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise ExportError(f"{directory / WEIGHTS_FILE} does not fit its config.toml: "
-                          f"{str(exc).splitlines()[0]}") from None
+    fit_state_dict(model, tensors, directory / WEIGHTS_FILE)
     try:
         state = TrainState(**info.get("state", {}))
     except TypeError as exc:
@@ -206,26 +235,78 @@ def load_for_inference(path: str | Path, ema: bool | None = None, device="cpu") 
 # Exporting
 
 
-def export_checkpoint(path: str | Path, out: str | Path, ema: bool = False) -> Path:
-    """Write `out`/{model.safetensors, config.toml, export.json} from a checkpoint or run directory: the trained
-    weights, or the EMA weights when `ema`; then `out`/checksums.json, last. Refuses to overwrite an export."""
+def _with_bundled_paths(cfg: Config, directory: Path) -> Config:
+    """An export's config with its bundled codec / text encoder named by absolute path (config.toml names them
+    relative to the export directory, so that the directory can move)."""
+    found = {}
+    for key in BUNDLED:
+        value = getattr(cfg.model, key)
+        if value not in BUILT_IN and not Path(value).is_absolute() and (directory / value).is_dir():
+            found[key] = str(directory / value)
+    return replace(cfg, model=replace(cfg.model, **found)) if found else cfg
+
+
+def _bundle(cfg: Config, out: Path) -> Config:
+    """Copy each codec / text encoder that `cfg` names by a local directory into `out`; return the config that names
+    the copies relative to `out`. A name that looks like a path but is none here is an ExportError: the export
+    would not sample anywhere else either."""
+    bundled = {}
+    for key, folder in BUNDLED.items():
+        value = getattr(cfg.model, key)
+        path = Path(value).expanduser()
+        if value in BUILT_IN or not (path.exists() or value.startswith((".", "/", "~"))):
+            continue  # a built-in or a hub id: the name is enough
+        if not path.is_dir():
+            raise ExportError(f"model.{key} = '{value}' is not {SAVED_DIR} here; run the export where it is, or set "
+                              f"model.{key} to a hub id")
+        shutil.copytree(path, out / folder)
+        bundled[key] = f"./{folder}"
+    return replace(cfg, model=replace(cfg.model, **bundled)) if bundled else cfg
+
+
+def annotated_toml(cfg: Config, notes: dict[str, str], header: str = "") -> str:
+    """dump_toml(cfg) with `header` (comment lines) on top and notes[section.key] as a comment after that key."""
+    lines, section = [header] if header else [], ""
+    for line in dump_toml(cfg).splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        key = line.split(" = ", 1)[0]
+        note = notes.get(f"{section}.{key}") if " = " in line else None
+        lines.append(f"{line}  # {note}" if note else line)
+    return "\n".join(lines) + "\n"
+
+
+def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, info: dict,
+                 notes: dict[str, str] | None = None, header: str = "") -> Path:
+    """Write an export directory: model.safetensors (`tensors`), config.toml (`cfg`, its local codec / text encoder
+    copied in, `notes` as comments), export.json (`info`), then checksums.json over all of them, last. Refuses a
+    directory that already holds an export."""
     from safetensors.torch import save_file
 
-    kind, directory = locate(path)
-    if kind == "export":
-        raise ExportError(f"'{path}' is already an export")
     out = Path(out).expanduser()
     if (out / WEIGHTS_FILE).exists() or (out / checksums.MANIFEST).exists():
         raise ExportError(f"'{out}' already holds an export; choose another --out")
-    loaded = _load_checkpoint(directory, ema, "cpu")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous() for name, t in loaded.model.state_dict().items()}
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "weights": loaded.weights})
-    (out / CONFIG_FILE).write_text(dump_toml(loaded.config))
+    cfg = _bundle(cfg, out)
+    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "weights": info["weights"]})
+    (out / CONFIG_FILE).write_text(annotated_toml(cfg, notes or {}, header))
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    files = [WEIGHTS_FILE, CONFIG_FILE, INFO_FILE]
+    files += [f"{folder}/{rel}" for folder in BUNDLED.values() if (out / folder).is_dir()
+              for rel in checksums.files_under(out / folder)]
+    checksums.write_atomically(out / checksums.MANIFEST, checksums.manifest_bytes(checksums.describe(out, files)))
+    return out
+
+
+def export_checkpoint(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write an export (write_export) of a checkpoint or run directory: the trained weights, or the EMA weights
+    when `ema`."""
+    kind, directory = locate(path)
+    if kind == "export":
+        raise ExportError(f"'{path}' is already an export")
+    loaded = _load_checkpoint(directory, ema, "cpu")
     saved = json.loads((directory / STATE_FILE).read_text())
     info = {"weights": loaded.weights, "source": str(directory), "state": asdict(loaded.state),
             "versions": saved.get("versions", {})}
-    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    files = (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE)
-    checksums.write_atomically(out / checksums.MANIFEST, checksums.manifest_bytes(checksums.describe(out, files)))
-    return out
+    return write_export(out, loaded.model.state_dict(), loaded.config, info)
