@@ -120,7 +120,7 @@ def test_the_shapes_score_is_one_for_the_truth_of_the_captions_and_low_for_other
      "it needs model.conditioning = 'text', got 'class'"),
     (["eval.objective=class_agreement", "data.source=shapes"],
      "eval.objective class_agreement scores samples against fashion-mnist data, but data.source is 'shapes'"),
-    (["eval.objective=class_agreement", "eval.num_samples=0"], "eval.objective needs eval.nfe and eval.num_samples > 0"),
+    (["eval.objective=class_agreement", "eval.num_samples=0"], "eval.num_samples must be > 0, got 0"),
 ])
 def test_an_objective_that_does_not_fit_the_data_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError) as err:

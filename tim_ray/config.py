@@ -4,7 +4,8 @@ The defaults of every dataclass *are* the quickstart recipe (a small text-to-ima
 pixel space, CPU), so `tim-ray train` with no config file runs it; `configs/quickstart.toml` spells the same values out.
 
 Rules: an unknown key or a value of the wrong type is a `ConfigError` naming the key, where it came from and the
-closest valid key. Values derived from others (global batch, scaled LR) are computed here, in `Derived`, and nowhere
+closest valid key; so is a float that is NaN or infinite, and a value outside its key's range (`_RANGES`, one entry
+per numeric key). Values derived from others (global batch, scaled LR) are computed here, in `Derived`, and nowhere
 else.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +161,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty = an absolute sqlite file in the run directory; or http://mlflow:5000
     experiment: str = "tim-ray"
+    registered_model: str = ""  # non-empty: register each finished run's export as a version of this MLflow model
 
 
 @dataclass
@@ -260,6 +263,8 @@ def _coerce(value, tp, key: str, source: str):
     )
     if not ok:
         raise ConfigError(f"{key} in {source} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # TOML reads nan and inf as floats; no key means either
+        raise ConfigError(f"{key} in {source} must be a finite number, got {value}")
     return float(value) if tp is float else value
 
 
@@ -306,9 +311,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML files are UTF-8 by the TOML spec
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from None
         _apply_tree(cfg, tree, str(path))
     for text in overrides:
         section, key, value = parse_override(text)
@@ -333,34 +340,111 @@ _CHOICES = {
 }
 
 
+SEED_LIMIT = 2**32  # seeds are in [0, 2^32): what every generator they feed (numpy, torch, hashes) takes
+
+# The range of every int and float key (floats are finite already: `_coerce` refuses NaN and inf). A test checks
+# that no numeric key is missing here.
+_RULES = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= -1 (-1 = no limit)": lambda v: v >= -1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 0.1)": lambda v: 0 < v < 0.1,
+    "in [0, 2^32)": lambda v: 0 <= v < SEED_LIMIT,
+    "any finite number": lambda v: True,
+}
+_RANGES = {
+    "model.num_classes": "> 0",
+    "model.repa_dim": ">= 0",
+    "model.max_text_tokens": "> 0",
+    "model.text_cache": ">= 0",
+    "transition.p_mean": "any finite number",
+    "transition.p_std": "> 0",
+    "transition.delta_logit_mean": "any finite number",
+    "transition.delta_logit_std": "> 0",
+    "transition.diffusion_ratio": "in [0, 1]",
+    "transition.consistency_ratio": "in [0, 1]",  # the two may overlap: consistency wins (transition.intervals)
+    "transition.dde_epsilon": "in (0, 0.1)",
+    "transition.sigma_d": "> 0",
+    "transition.repa_coeff": ">= 0",
+    "transition.guidance_w_gt": "any finite number",  # the enhanced target's mix; may extrapolate (spec §3.5)
+    "transition.guidance_w_cond": "any finite number",
+    "data.height": "> 0",
+    "data.width": "> 0",
+    "data.bucket_token_budget": "> 0",
+    "data.bucket_multiple": "> 0",
+    "data.bucket_max_aspect": ">= 1",
+    "data.caption_dropout": "in [0, 1]",
+    "data.max_samples": ">= 0",
+    "data.shuffle_window": "> 0",
+    "data.decode_tasks": "> 0",
+    "data.window_cache": "> 0",
+    "data.seed": "in [0, 2^32)",
+    "data.min_image_side": "> 0",
+    "data.max_image_pixels": "> 0",
+    "data.max_aspect_ratio": ">= 1",
+    "data.encode_actors": "> 0",
+    "data.encode_cpus": "> 0",
+    "data.encode_gpus": ">= 0",
+    "data.encode_batch_size": "> 0",
+    "train.steps": "> 0",
+    "train.batch_size": "> 0",
+    "train.grad_accum": "> 0",
+    "train.seed": "in [0, 2^32)",
+    "train.grad_clip": "> 0",  # a max gradient norm; 0 would scale every gradient to 0 (there is no "off")
+    "train.log_every": "> 0",
+    "train.eval_every": "> 0",
+    "train.max_nonfinite_steps": ">= 0",  # 0: stop at the first skipped step
+    "optim.lr": "> 0",
+    "optim.base_batch": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.eps": "> 0",  # AdamW divides by sqrt(v) + eps
+    "ema.decay": "in [0, 1]",
+    "checkpoint.every": "> 0",
+    "checkpoint.keep": "> 0",
+    "checkpoint.stop_check_every": "> 0",
+    "ray.num_workers": "> 0",
+    "ray.min_workers": ">= 0",  # and <= ray.num_workers (validate)
+    "ray.elastic_resize_check_s": "> 0",
+    "ray.cpus_per_worker": "> 0",
+    "ray.local_num_cpus": "> 0",
+    "ray.max_failures": ">= -1 (-1 = no limit)",  # Ray Train's FailureConfig
+    "sample.nfe": "> 0",
+    "sample.cfg_scale": ">= 0",  # 0 = unconditional, 1 = no guidance
+    "sample.stochasticity": "in [0, 1]",  # the SDE step removes s·Δ of the noise estimate; Δ <= 1
+    "sample.seed": "in [0, 2^32)",
+    "eval.num_samples": "> 0",
+}
+_NON_EMPTY = ["model.codec", "data.rejects_file", "tracking.experiment"]
+
+
+def _value(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
 def validate(cfg: Config) -> None:
-    """Checks across values that the types alone cannot express. Raises ConfigError naming the key."""
+    """Checks that the types alone cannot express: choices, ranges, and across values. Raises a ConfigError
+    naming the key, its value and what is valid."""
     for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{dotted} = {value!r} is not one of {', '.join(choices)}")
-    positive = ["train.steps", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
-                "checkpoint.every", "checkpoint.keep", "checkpoint.stop_check_every", "ray.num_workers",
-                "ray.local_num_cpus", "data.height", "data.width", "sample.nfe", "optim.base_batch",
-                "model.max_text_tokens"]
-    for dotted in positive:
-        section, key = dotted.split(".")
-        if getattr(getattr(cfg, section), key) <= 0:
-            raise ConfigError(f"{dotted} must be > 0, got {getattr(getattr(cfg, section), key)}")
+        if _value(cfg, dotted) not in choices:
+            raise ConfigError(f"{dotted} = {_value(cfg, dotted)!r} is not one of {', '.join(choices)}")
+    for dotted, rule in _RANGES.items():
+        if not _RULES[rule](_value(cfg, dotted)):
+            raise ConfigError(f"{dotted} must be {rule}, got {_value(cfg, dotted)}")
+    for dotted in _NON_EMPTY:
+        if not _value(cfg, dotted):
+            raise ConfigError(f"{dotted} must not be empty")
+    name = cfg.train.name
+    # The run directory and Ray Train's run name: an empty name made Ray name each launch by its time, so a
+    # restarted run never found its checkpoints; a name with a separator or '..' would put the run elsewhere.
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"train.name must be a directory name (not empty, '.' or '..', no '/' or '\\'), "
+                          f"got {name!r}")
+    if cfg.model.conditioning == "text" and not cfg.model.text_encoder:
+        raise ConfigError("model.text_encoder must not be empty with model.conditioning = 'text'")
     t = cfg.transition
-    for dotted, value in [("transition.diffusion_ratio", t.diffusion_ratio),
-                          ("transition.consistency_ratio", t.consistency_ratio),
-                          ("data.caption_dropout", cfg.data.caption_dropout),
-                          ("ema.decay", cfg.ema.decay)]:
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{dotted} must be in [0, 1], got {value}")
-    if not 0.0 < t.dde_epsilon < 0.1:
-        raise ConfigError(f"transition.dde_epsilon must be in (0, 0.1), got {t.dde_epsilon}")
-    if t.p_std <= 0:
-        raise ConfigError(f"transition.p_std must be > 0, got {t.p_std}")
-    if t.delta_logit_std <= 0:
-        raise ConfigError(f"transition.delta_logit_std must be > 0, got {t.delta_logit_std}")
     if t.guidance_w_cond == 0 and t.guidance_w_gt != 1:
         raise ConfigError("transition.guidance_w_gt has no effect while transition.guidance_w_cond = 0 "
                           f"(the enhanced target is off); got guidance_w_gt = {t.guidance_w_gt}")
@@ -370,15 +454,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted} must be [lo, hi] with 0 <= lo <= hi <= 1, got {pair}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.ray.elastic_resize_check_s <= 0:
-        raise ConfigError(f"ray.elastic_resize_check_s must be > 0, got {cfg.ray.elastic_resize_check_s}")
-    if not 0 <= cfg.ray.min_workers <= cfg.ray.num_workers:
+    if cfg.ray.min_workers > cfg.ray.num_workers:
         raise ConfigError(f"ray.min_workers must be in [0, ray.num_workers={cfg.ray.num_workers}], "
                           f"got {cfg.ray.min_workers}")
-    if any(n <= 0 for n in cfg.eval.nfe):
-        raise ConfigError(f"eval.nfe must be positive step counts, got {cfg.eval.nfe}")
+    if not cfg.eval.nfe or any(n <= 0 for n in cfg.eval.nfe):
+        raise ConfigError(f"eval.nfe must be a non-empty list of positive step counts, got {cfg.eval.nfe}")
     _validate_objective(cfg)
     _validate_data(cfg)
 
@@ -394,23 +474,10 @@ def _validate_objective(cfg: Config) -> None:
     if objective == "shapes" and cfg.model.conditioning != "text":
         raise ConfigError(f"eval.objective = 'shapes' scores how samples follow their captions: it needs "
                           f"model.conditioning = 'text', got '{cfg.model.conditioning}'")
-    if not cfg.eval.nfe or cfg.eval.num_samples <= 0:
-        raise ConfigError(f"eval.objective needs eval.nfe and eval.num_samples > 0, got {cfg.eval.nfe} and "
-                          f"{cfg.eval.num_samples}")
 
 
 def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    for key in ("bucket_token_budget", "bucket_multiple", "min_image_side", "max_image_pixels", "encode_actors",
-                "encode_cpus", "encode_batch_size", "shuffle_window", "decode_tasks", "window_cache"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"data.{key} must be > 0, got {getattr(d, key)}")
-    for key in ("max_samples", "encode_gpus"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
-    for key in ("bucket_max_aspect", "max_aspect_ratio"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
     from tim_ray.data.sources import check_source  # here: the sources import this module's ConfigError
 
     check_source(cfg)

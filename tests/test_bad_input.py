@@ -1,0 +1,81 @@
+"""Bad input as a user (or an attacker) gives it: every value, argument and file the CLI reads is refused with one
+line naming what is wrong and what is valid; exit 2 for bad input, 1 for a runtime failure. No Ray is started."""
+import os
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from tim_ray import config as config_module
+from tim_ray.config import ConfigError, load_config
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tim_ray.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "RAY_ADDRESS": ""}, timeout=120)
+
+
+def one_line_error(out, code: int = 2) -> str:
+    """The error line of a CLI call that must fail with `code` and exactly one line on stderr."""
+    assert out.returncode == code, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.startswith("tim-ray") and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    return out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config values
+
+
+def test_every_numeric_key_has_a_range():
+    sections = typing.get_type_hints(config_module.Config)
+    numeric = [f"{name}.{key}" for name, cls in sections.items()
+               for key, tp in typing.get_type_hints(cls).items() if tp in (int, float)]
+    assert sorted(numeric) == sorted(config_module._RANGES)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "optim.lr in the command line must be a finite number, got nan"),
+    ("transition.p_mean=-inf", "transition.p_mean in the command line must be a finite number, got -inf"),
+    ("sample.cfg_interval=[0.0, inf]", "sample.cfg_interval in the command line must be a finite number, got inf"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("train.grad_clip=-1", "train.grad_clip must be > 0, got -1.0"),
+    ("train.grad_clip=0", "train.grad_clip must be > 0, got 0.0"),
+    ("train.seed=-1", "train.seed must be in [0, 2^32), got -1"),
+    ("sample.seed=4294967296", "sample.seed must be in [0, 2^32), got 4294967296"),
+    ("train.max_nonfinite_steps=-1", "train.max_nonfinite_steps must be >= 0, got -1"),
+    ("ray.cpus_per_worker=-1", "ray.cpus_per_worker must be > 0, got -1.0"),
+    ("ray.max_failures=-2", "ray.max_failures must be >= -1 (-1 = no limit), got -2"),
+    ("ray.min_workers=-1", "ray.min_workers must be >= 0, got -1"),
+    ("model.num_classes=0", "model.num_classes must be > 0, got 0"),
+    ("transition.sigma_d=0", "transition.sigma_d must be > 0, got 0.0"),
+    ("sample.cfg_scale=-1", "sample.cfg_scale must be >= 0, got -1.0"),
+    ("sample.stochasticity=1.5", "sample.stochasticity must be in [0, 1], got 1.5"),
+    ("ema.decay=1.01", "ema.decay must be in [0, 1], got 1.01"),
+    ("data.encode_gpus=-0.5", "data.encode_gpus must be >= 0, got -0.5"),
+    ("eval.num_samples=0", "eval.num_samples must be > 0, got 0"),
+    ("eval.nfe=[]", "eval.nfe must be a non-empty list of positive step counts, got []"),
+    ('train.name=""', "train.name must be a directory name (not empty, '.' or '..', no '/' or '\\'), got ''"),
+    ("train.name=../elsewhere", "train.name must be a directory name (not empty, '.' or '..', no '/' or '\\'), "
+                                "got '../elsewhere'"),
+    ('model.codec=""', "model.codec must not be empty"),
+    ('model.text_encoder=""', "model.text_encoder must not be empty with model.conditioning = 'text'"),
+])
+def test_a_bad_value_is_one_line_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_the_cli_refuses_nan_with_one_line_and_exit_2():
+    assert one_line_error(run("train", "--dry-run", "optim.lr=nan")) == (
+        "tim-ray: error: optim.lr in the command line must be a finite number, got nan\n")
+
+
+def test_a_non_utf8_config_file_is_one_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[train]\nname = \"caf\xe9\"\n".encode("latin-1"))
+    err = one_line_error(run("config", "validate", str(path)))
+    assert err.startswith(f"tim-ray: error: {path} is not valid TOML: 'utf-8' codec can't decode byte 0xe9")
