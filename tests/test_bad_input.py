@@ -79,3 +79,38 @@ def test_a_non_utf8_config_file_is_one_line(tmp_path):
     path.write_bytes("[train]\nname = \"caf\xe9\"\n".encode("latin-1"))
     err = one_line_error(run("config", "validate", str(path)))
     assert err.startswith(f"tim-ray: error: {path} is not valid TOML: 'utf-8' codec can't decode byte 0xe9")
+
+
+def test_the_largest_train_seed_makes_a_generator():
+    from tim_ray.train.checkpoint import step_generator
+
+    step_generator(config_module.SEED_LIMIT - 1, 10**9, 1023)  # no overflow where the product passes 2^64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files read back
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from eval_fixtures import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+def test_a_corrupt_state_json_with_matching_checksums_is_one_line(tmp_path, checkpoint):
+    """A state.json that is not UTF-8, resealed so that its checksums match: refused as corrupt, exit 1."""
+    import shutil
+
+    from tim_ray.train import checksums
+
+    damaged = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "state.json").write_bytes(b'{"state": {"step": 7}, "config": \xff}')
+    for manifest in damaged.glob("checksums*.json"):
+        manifest.unlink()
+    checksums.seal(damaged, name=checksums.rank_manifest_name(0))
+    for command in (["sample", str(damaged), "--class", "1"], ["export", str(damaged)]):
+        err = one_line_error(run(*command, "--out", str(tmp_path / "out")), code=1)
+        assert err.startswith(f"tim-ray: error: {damaged / 'state.json'} is corrupt ('utf-8' codec can't decode")
+    assert not (tmp_path / "out").exists()

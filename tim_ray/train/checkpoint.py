@@ -57,7 +57,9 @@ class TrainState:
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator for all random draws of (step, rank): noise, (t, r), label dropout. A pure function of its
     arguments, which is what makes resume exact without saving RNG states."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+    # Wrapped to the 64 bits a generator takes: train.seed goes up to 2^32, where the product would overflow
+    # (every seed below 2^28 gives the generator it always did).
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**64)
 
 
 def _versions() -> dict[str, str]:
@@ -109,10 +111,10 @@ def read_state(directory: str) -> tuple[TrainState, dict]:
     if not os.path.isfile(path) or not os.path.isdir(os.path.join(directory, DCP_DIR)):
         raise CheckpointError(f"{directory} is not a tim-ray checkpoint (no {STATE_FILE} or {DCP_DIR}/)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         return TrainState(**saved["state"]), saved["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); resume from an earlier checkpoint") from None
 
 
