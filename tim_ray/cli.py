@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tim_ray.config import ConfigError, Derived, dump_toml, load_config
 from tim_ray.train.checksums import CheckpointError
@@ -20,7 +21,8 @@ class UsageError(ValueError):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="a TOML recipe (default: the built-in quickstart)")
+    p.add_argument("config", nargs="?", help="a TOML file or built-in recipe name (`tim-ray config list`; default: "
+                                            "the quickstart)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied in order")
 
 
@@ -30,7 +32,21 @@ def _resolve(args) -> tuple:
     config = None
     if positional and "=" not in positional[0]:
         config, positional = positional[0], positional[1:]
+    if config is not None and not Path(config).exists():
+        from tim_ray.recipes import find
+
+        config = find(config) or config  # a built-in recipe's name; else load_config names the missing file
     return load_config(config, positional), config
+
+
+def cmd_config_list(args) -> int:
+    from tim_ray.recipes import description, recipes
+
+    found = recipes()
+    width = max(map(len, found))
+    for name, path in found.items():
+        print(f"{name:<{width}}  {description(path)}")
+    return 0
 
 
 def cmd_config_show(args) -> int:
@@ -55,7 +71,8 @@ def cmd_train(args) -> int:
 
         print(describe_plan(cfg, resolve_resume(cfg, args.resume), args.address))
         return 0
-    return launch(cfg, address=args.address, resume=args.resume)
+    return launch(cfg, address=args.address, resume=args.resume, init_from=args.init_from,
+                  init_ema=False if args.init_no_ema else None)
 
 
 def cmd_precompute(args) -> int:
@@ -139,6 +156,31 @@ def cmd_export(args) -> int:
     step = read_export_info(out)["state"]["step"]
     print(f"tim-ray export: wrote {out} ({'EMA' if args.ema else 'trained'} weights of step {step})")
     return 0
+
+
+def cmd_import(args) -> int:
+    from tim_ray.train.importer import import_weights
+
+    out = import_weights(args.source, args.out, ema=not args.no_ema, official_config=args.official_config,
+                         arch=args.arch, keep_projector=args.keep_projector, overrides=args.overrides)
+    print(f"tim-ray import: wrote {out} ({'trained' if args.no_ema else 'EMA'} weights of {args.source}); sample "
+          f"with `tim-ray sample {out}`, fine-tune with `tim-ray train RECIPE --init-from {out}`")
+    return 0
+
+
+def _add_import_parser(sub) -> None:
+    p = sub.add_parser("import", help="turn released TiM weights into an export that sample/eval/train take")
+    p.add_argument("source", help="a .safetensors/.pt/.bin file or directory, or a hub id owner/name[/file]")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config keys to set in the export (e.g. model.codec=/path/to/vae)")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, config.toml, export.json)")
+    p.add_argument("--config", dest="official_config", metavar="YAML",
+                   help="the official training config (configs/c2i/*.yaml or configs/t2i/*.yaml of the TiM repo)")
+    p.add_argument("--arch", help="the architecture, without an official config (tim-tiny, B/4, XL/2, XL/1, T2I-XL/1)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="import the trained (raw) weights; default the EMA weights")
+    p.add_argument("--keep-projector", action="store_true", help="keep the REPA projector (default: drop it)")
+    p.set_defaults(run=cmd_import)
 
 
 def _add_sample_parser(sub) -> None:
@@ -249,11 +291,21 @@ def _add_tune_parser(sub) -> None:
     p.set_defaults(run=cmd_tune)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tim-ray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tim-ray",
         description="Train Transition Models (TiM) on Ray: any-step text-to-image generation.",
     )
+    parser.add_argument("--version", action="version", version=f"tim-ray {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a TiM (default: the built-in CPU quickstart)")
@@ -265,8 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "existing run; PATH: start from that checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and check everything, print the plan, and exit without training or writing")
+    p.add_argument("--init-from", metavar="EXPORT_OR_CHECKPOINT",
+                   help="start from these weights (an export, checkpoint or run directory) with a fresh optimizer "
+                        "at step 0: fine-tuning")
+    p.add_argument("--init-no-ema", action="store_true",
+                   help="with --init-from: take the trained weights even when EMA weights exist")
     p.set_defaults(run=cmd_train)
 
+    _add_import_parser(sub)
     _add_sample_parser(sub)
     _add_eval_parser(sub)
     _add_tune_parser(sub)
@@ -284,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="show or validate a resolved config")
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = csub.add_parser("list", help="the built-in recipes, with what each is for")
+    q.set_defaults(run=cmd_config_list)
     q = csub.add_parser("show", help="print the resolved config as TOML")
     _add_config_args(q)
     q.set_defaults(run=cmd_config_show)

@@ -120,6 +120,39 @@ class Tracker:
         if self.enabled and os.path.exists(path):
             self._client.log_artifact(self.run_id, str(path), artifact_dir)
 
+    def log_dir(self, path: str | Path, artifact_dir: str) -> None:
+        if self.enabled:
+            self._client.log_artifacts(self.run_id, str(path), artifact_dir)
+
+    def register(self, name: str, artifact_dir: str) -> str:
+        """Register the run's artifact directory as a new version of registered model `name` (created if new);
+        returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_registered_model(name)
+        except MlflowException:
+            self._client.create_registered_model(name)
+        source = f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_dir}"
+        return self._client.create_model_version(name, source, run_id=self.run_id).version
+
+    def record_parent(self, parent_run_id: str | None, tags: dict[str, str]) -> bool:
+        """Set `tags` on this run, and nest it under `parent_run_id` when that run is in this store (a run whose
+        weights came from it). Returns whether it was nested."""
+        from mlflow.exceptions import MlflowException
+
+        if not self.enabled:
+            return False
+        nested = False
+        if parent_run_id:
+            try:
+                nested = bool(self._client.get_run(parent_run_id))
+            except MlflowException:  # trained against another tracking store
+                tags = {**tags, "tim_ray.init_run_id": parent_run_id}
+        for key, value in {**tags, **({PARENT_RUN_TAG: parent_run_id} if nested else {})}.items():
+            self._client.set_tag(self.run_id, key, value)
+        return nested
+
     def child_runs(self) -> dict[str, str]:
         """{run name: run id} of the runs nested under this one (a sweep's trials)."""
         if not self.enabled:

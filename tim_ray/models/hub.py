@@ -48,3 +48,40 @@ def load_failure(what: str, name: str, source: Source, exc: BaseException, alter
     offline = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
     return (f"cannot load {what} '{name}': not a local path and not in the Hugging Face cache{offline}; give "
             f"{SAVED_DIR}, allow network access to the hub, {alternatives}")
+
+
+def hub_reachable(timeout_s: float = 5.0) -> str:
+    """"" when a TCP connection to the hub's endpoint opens within `timeout_s`, else why not. Checked before a
+    download because huggingface_hub retries an unreachable hub for ~30 s before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"cannot reach {constants.ENDPOINT} ({first_line(exc)})"
+    return ""
+
+
+def fetch_file(repo_id: str, filename: str, error: type[ValueError]) -> Path:
+    """A file of a hub repository: from the Hugging Face cache, else downloaded (into the cache). One-line `error`
+    at once when it is not cached and the hub is offline or unreachable, or the download fails."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    what = f"'{filename}' of hub repo '{repo_id}'"
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_reachable()
+    if why:
+        raise error(f"{what} is not in the Hugging Face cache and {why}; download it where the hub is reachable "
+                    f"and give its local path")
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot download {what}: {first_line(exc)}") from None

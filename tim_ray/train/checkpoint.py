@@ -62,7 +62,7 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**64)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {}
     for package in ("tim-ray", "torch", "ray"):
         try:
@@ -101,7 +101,7 @@ def save_checkpoint(directory: str, model, optimizer, ema, state: TrainState, co
         dcp.save(payload, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=_alone())
     if rank == 0:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump({"state": asdict(state), "config": config, "versions": _versions()}, f, indent=1)
+            json.dump({"state": asdict(state), "config": config, "versions": versions()}, f, indent=1)
     world = dist.get_world_size() if dist.is_initialized() else 1
     checksums.seal(directory, checksums.rank_manifest_name(rank), part=rank, parts=world)
 

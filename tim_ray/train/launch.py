@@ -16,6 +16,8 @@ from tim_ray.tracking import Tracker, tracking_uri
 from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, read_state
 from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, verify_checkpoint
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
+from tim_ray.train.init_from import prepare_init
+from tim_ray.train.publish import publish_export
 from tim_ray.train.stop import ProgressBar, new_run_control, on_stop_signals
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -107,10 +109,11 @@ def scaling_config(cfg: Config):
 
 
 def build_trainer(cfg: Config, run_dir: Path, tracker, data, *, start_from: str | None = None, control=None,
-                  faults: str = "", callbacks: tuple = ()):
+                  faults: str = "", callbacks: tuple = (), init=None):
     """The TorchTrainer of one training run (`tim-ray train`, and each trial of `tim-ray tune`): the worker loop
     with its config, run directory, MLflow run, prepared data, RunControl actor and fault plan; scaling, retries
-    and checkpoint retention from cfg; Ray Train's storage under cfg's output directory."""
+    and checkpoint retention from cfg; Ray Train's storage under cfg's output directory. `init`: an object ref to
+    the --init-from weights (tim_ray.train.init_from)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -121,7 +124,7 @@ def build_trainer(cfg: Config, run_dir: Path, tracker, data, *, start_from: str 
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "start_from": start_from,
                            "mlflow": [tracker.uri, tracker.run_id], "data": ray.put(data), "control": control,
-                           "faults": faults},
+                           "faults": faults, "init": init},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.train.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
@@ -147,7 +150,8 @@ def start_ray(cfg: Config, address: str | None) -> str:
     return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
 
 
-def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int:
+def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_from: str | None = None,
+           init_ema: bool | None = None) -> int:
     import ray.train
 
     from tim_ray.data.batches import open_training_data
@@ -156,6 +160,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     if (set_aside := set_aside_stale_registry(cfg)) is not None:
         print(f"tim-ray train: {set_aside}", flush=True)
     data = open_training_data(cfg)  # metadata only, before Ray starts or anything is written: fails in seconds
+    init = prepare_init(cfg, init_from, init_ema) if init_from else None  # likewise: a misfit fails now
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
@@ -164,6 +169,8 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
           f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
     print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
     tracker = Tracker.for_run_dir(cfg, run_dir, resuming)
+    for line in init.announce(tracker) if init else ():
+        print(f"tim-ray train: {line}", flush=True)
     derived = Derived.of(cfg)
     print(f"tim-ray train:\n  run directory: {run_dir}\n  checkpoints:   {storage_root(cfg)}/{cfg.train.name}"
           f"\n  mlflow:        {tracking_uri(cfg, run_dir) if tracker.enabled else 'off'}"
@@ -173,7 +180,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
     control = new_run_control()
     on_stop_signals(control)
     trainer = build_trainer(cfg, run_dir, tracker, data, start_from=start_from, control=control,
-                            faults=os.environ.get(FAULTS_ENV, ""))
+                            faults=os.environ.get(FAULTS_ENV, ""), init=ray.put(init.tensors) if init else None)
     progress = ProgressBar(control, _step_of(start_from or latest_checkpoint(cfg)), cfg.train.steps) \
         if sys.stdout.isatty() else None
     try:
@@ -201,6 +208,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto") -> int
               f"  run the same command to continue", flush=True)
         return 0
     summary = result.metrics or {}
+    print(f"tim-ray train: {publish_export(cfg, run_dir, tracker, result.checkpoint)}", flush=True)
     print(f"tim-ray train: done. last checkpoint: {last}\n"
           f"  final metrics: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})}"
           f"\n  samples:       {run_dir / 'samples'}"

@@ -14,6 +14,7 @@ from tim_ray.train.checkpoint import (CheckpointError, TrainState, load_checkpoi
 from tim_ray.train.ema import ShardLocalEMA
 from tim_ray.train.faults import Faults
 from tim_ray.train.feed import Position, TrainingFeed
+from tim_ray.train.init_from import load_init
 from tim_ray.train.metrics import RunLog
 from tim_ray.train.parallelize import apply_activation_checkpointing, autocast_dtype, shard_model
 from tim_ray.train.step import build_optimizer, train_step
@@ -34,12 +35,16 @@ def _use_all_local_cores(local_world_size: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
 
-def build_worker_model(cfg: Config, in_channels: int, text_dim: int | None, device: torch.device, world: int):
-    """Identical init on every rank (same seed), then FSDP2 sharding; optimizer and EMA over the shards."""
+def build_worker_model(cfg: Config, in_channels: int, text_dim: int | None, device: torch.device, world: int,
+                       init_weights: dict[str, torch.Tensor] | None = None):
+    """Identical init on every rank (same seed, or the --init-from weights), then FSDP2 sharding; optimizer and
+    EMA (a copy of the weights) over the shards."""
     from tim_ray.models.registry import build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, in_channels, text_dim, device=device)
+    if init_weights is not None:
+        load_init(model, init_weights)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     model = shard_model(model, device, world)
@@ -128,7 +133,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     faults = Faults.parse(loop_config.get("faults", ""))
     path = get_path(cfg.transition.path)
     feed = TrainingFeed(cfg, ray.get(loop_config["data"]), rank, world, device)
-    model, optimizer, ema = build_worker_model(cfg, feed.channels, feed.text_dim, device, world)
+    init = loop_config.get("init")
+    model, optimizer, ema = build_worker_model(cfg, feed.channels, feed.text_dim, device, world,
+                                               ray.get(init) if init is not None else None)
     try:
         state = _resume(loop_config, model, optimizer, ema, world)
     except CheckpointError as exc:
