@@ -16,7 +16,8 @@ from tim_ray.config import Config, to_dict
 log = logging.getLogger("tim_ray")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 SQLITE_FILE = "mlflow.db"  # the default store's file in a run directory
-RUN_ID_FILE = "mlflow_run_id"  # the id of a run directory's MLflow run, so a resume logs to the same run
+RUN_ID_FILE = "mlflow_run_id"  # the id of a run directory's (latest) MLflow run
+RESTARTED_FROM_TAG = "tim_ray.restarted_from"  # on a launch's run: the run id of the launch before it
 
 
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
@@ -40,6 +41,8 @@ class Tracker:
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.uri, self.run_id = uri, run_id
+        self.previous_run_id: str | None = None  # for_launch: the earlier launch's run, and its status after
+        self.previous_status: str | None = None
         self._client = None
         if uri and run_id:
             from mlflow.tracking import MlflowClient
@@ -64,8 +67,37 @@ class Tracker:
         return tracker
 
     @classmethod
+    def for_launch(cls, cfg: Config, run_dir: str | Path) -> "Tracker":
+        """A new run for one launch of `tim-ray train`. If the run directory records an earlier launch's run, the
+        new run carries its id in RESTARTED_FROM_TAG, and an earlier run still RUNNING is closed as KILLED: its
+        driver died without closing it (SIGKILL, a `ray job stop` past its wait, a lost head pod), and nothing
+        else ever will. One run per launch keeps each launch's params (its world size, its overrides) true."""
+        id_file = Path(run_dir) / RUN_ID_FILE
+        previous = id_file.read_text().strip() if id_file.is_file() else None
+        tags = {RESTARTED_FROM_TAG: previous} if previous else {}
+        tracker = cls.create_run(cfg, run_dir, cfg.train.name, tags=tags)
+        if tracker.enabled:
+            if previous:
+                tracker.previous_run_id, tracker.previous_status = previous, tracker._close_if_running(previous)
+            id_file.write_text(tracker.run_id)
+        return tracker
+
+    def _close_if_running(self, run_id: str) -> str:
+        """Close `run_id` as KILLED if it is still RUNNING; its status afterwards, or why it cannot be read."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            status = self._client.get_run(run_id).info.status
+        except MlflowException as exc:  # a run of another store (tracking.uri changed), or deleted
+            return f"not found in {self.uri}: {str(exc).splitlines()[0]}"
+        if status != "RUNNING":
+            return status
+        self._client.set_terminated(run_id, status="KILLED")
+        return "KILLED (was still RUNNING)"
+
+    @classmethod
     def create_run(cls, cfg: Config, run_dir: str | Path, run_name: str, parent_run_id: str | None = None,
-                   existing_run_id: str | None = None) -> "Tracker":
+                   existing_run_id: str | None = None, tags: dict[str, str] | None = None) -> "Tracker":
         """Open the run for a training run: reuse `existing_run_id` on resume, else create one, logging the
         resolved config as params and as an artifact. Returns a disabled tracker when tracking is off."""
         if not cfg.tracking.enabled:
@@ -84,7 +116,7 @@ class Tracker:
             experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        tags = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+        tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         tracker = cls(uri, run.info.run_id)
         tracker.log_config(cfg)

@@ -18,7 +18,7 @@ from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, 
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
 from tim_ray.train.init_from import prepare_init
 from tim_ray.train.publish import publish_export
-from tim_ray.train.stop import ProgressBar, new_run_control, on_stop_signals
+from tim_ray.train.stop import ProgressBar, job_stop_warning, new_run_control, on_stop_signals
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -168,17 +168,22 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
     print(f"tim-ray train: {data.describe()}; rejected rows are counted as they stream (listed in "
           f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
     print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
-    tracker = Tracker.for_run_dir(cfg, run_dir, resuming)
+    tracker = Tracker.for_launch(cfg, run_dir)
     for line in init.announce(tracker) if init else ():
         print(f"tim-ray train: {line}", flush=True)
+    restarted = (f", restarted from run {tracker.previous_run_id}: {tracker.previous_status}"
+                 if tracker.previous_run_id else "")
     derived = Derived.of(cfg)
     print(f"tim-ray train:\n  run directory: {run_dir}\n  checkpoints:   {storage_root(cfg)}/{cfg.train.name}"
           f"\n  mlflow:        {tracking_uri(cfg, run_dir) if tracker.enabled else 'off'}"
           f"{f' (run {tracker.run_id})' if tracker.enabled else ''}"
+          f"{restarted}"
           f"\n  global batch {derived.global_batch}, lr {derived.lr:g}, {cfg.train.steps} steps"
           f"{', resuming' if resuming else ''}{f', starting from {start_from}' if start_from else ''}", flush=True)
     control = new_run_control()
     on_stop_signals(control)
+    if (warning := job_stop_warning()) is not None:
+        print(f"tim-ray train: warning: {warning}", file=sys.stderr, flush=True)
     trainer = build_trainer(cfg, run_dir, tracker, data, start_from=start_from, control=control,
                             faults=os.environ.get(FAULTS_ENV, ""), init=ray.put(init.tensors) if init else None)
     progress = ProgressBar(control, _step_of(start_from or latest_checkpoint(cfg)), cfg.train.steps) \

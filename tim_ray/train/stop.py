@@ -13,6 +13,7 @@ the same steps: every `checkpoint.stop_check_every` steps.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -68,6 +69,21 @@ def on_stop_signals(control) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+JOB_STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # read by Ray's job supervisor; its default is 3 s
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor on the driver of a submitted job
+
+
+def job_stop_warning() -> str | None:
+    """A line to print when this driver is a submitted Ray job that `ray job stop` would SIGKILL 3 s after its
+    SIGTERM: too soon for the workers to save the stop's checkpoint and for Ray to register it. The supervisor's
+    environment (the job's runtime env) is the driver's, so what it reads can be read here."""
+    if SUBMITTED_JOB_ENV not in os.environ or JOB_STOP_WAIT_ENV in os.environ:
+        return None
+    return (f"{JOB_STOP_WAIT_ENV} is not set in this job's runtime env, so `ray job stop` kills this driver 3 s "
+            f"after asking it to stop, likely before the stop's checkpoint is saved; submit with "
+            f"--runtime-env jobs/runtime_env.yaml (it sets 120)")
 
 
 class StopChecks:
