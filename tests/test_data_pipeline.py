@@ -22,6 +22,7 @@ from tim_ray.data.encode import check_encoders, unit_range
 from tim_ray.data.decode import clean_sample
 from tim_ray.data.order import draw, fixed_batches, rank_slice
 from tim_ray.data.records import RawSample
+from tim_ray.data.stream import batches_per_task, task_items
 from tim_ray.data.sources.fashion_mnist import IMAGES_MAGIC, read_idx
 from tim_ray.data.sources.shapes import render, scene
 
@@ -109,6 +110,17 @@ def test_batches_follow_the_plan_and_resume_bit_identically():
     assert len(resumed) == len(whole) - 4
     for a, b in zip(whole[4:], resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decode_tasks_ramp_up_to_their_size_and_cover_every_slot_once():
+    items = task_items([(0, 5), (1, 0), (2, 9)], most=4)
+    assert [item["count"] for item in items] == [1, 2, 2, 4, 4, 1]  # a window's last task takes what is left
+    covered = [(item["window"], item["first"] + k) for item in items for k in range(item["count"])]
+    assert covered == [(0, k) for k in range(5)] + [(2, k) for k in range(9)]
+    cfg = load_config(overrides=["data.height=32", "data.width=32"])  # 1 channel: 1 KiB of pixels a row
+    data = open_training_data(cfg, stand_ins(cfg))
+    assert batches_per_task(data, 1024, 1) == 16 and batches_per_task(data, 1024, 8) == 32  # TASK_BYTES 16 MiB
+    assert batches_per_task(data, 2**20, 1) == 1
 
 
 def test_two_ranks_see_the_global_batches_of_one_and_a_resize_skips_nothing():

@@ -86,7 +86,7 @@ class DataConfig:
     image_column: str = ""  # parquet: the image column; empty = the first of image, jpg, png, webp, img, image_bytes
     caption_column: str = ""  # parquet: the caption column; empty = the first of captions, caption, text, txt
     shuffle_window: int = 8192  # rows per shuffle window: units are permuted, then rows within each window
-    decode_tasks: int = 2  # batches each rank's pipeline decodes at once (one Ray task each)
+    decode_tasks: int = 2  # Ray tasks decoding at once in each rank's pipeline (each a few batches)
     window_cache: int = 4  # windows kept in the object store for all ranks (one read per window)
     seed: int = 0  # of procedural sources (shapes)
     rejects_file: str = "rejects.jsonl"  # relative to the run directory

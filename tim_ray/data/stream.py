@@ -2,15 +2,16 @@
 this rank's rows of each global batch taken, decoded, checked, augmented -> text-encoder and codec actor pools ->
 one Arrow table per batch, in order -> `to_batch`.
 
-Memory is bounded by what is in flight: the windows the cache keeps, `data.decode_tasks` batches being decoded
-(one Ray task each) and RUN_AHEAD_BYTES of finished batches. Nothing is held per row of the data set.
+Memory is bounded by what is in flight: the windows the cache keeps, `data.decode_tasks` decode tasks (each makes
+a few consecutive batches, about TASK_BYTES of pixels: batches_per_task) and RUN_AHEAD_BYTES of finished batches.
+Nothing is held per row of the data set.
 
-A batch travels as one Ray Data block, never split (target_max_block_size = None), so every encoder call sees
-exactly one batch; `preserve_order` keeps batches in plan order, and `regroup` cuts the output back into batches
-whatever blocks Ray Data hands over. Each batch table carries its plan: `group` (the epoch position after it, which
-grows along the stream), `global_rows` (its rows over all ranks) and, on its first row, the JSON list of its
-rejected rows. A rank whose rows were all rejected still gets its batch, as one `filler` row that training
-ignores, so every rank runs every step.
+A task's batches travel as one Ray Data block, never split (target_max_block_size = None), and the encoders encode
+each batch (`group`) of a block in its own call, so the result does not depend on how batches share blocks;
+`preserve_order` keeps blocks in plan order, and `regroup` cuts the output back into batches. Each batch table
+carries its plan: `group` (the epoch position after it, which grows along the stream), `global_rows` (its rows over
+all ranks) and, on its first row, the JSON list of its rejected rows. A rank whose rows were all rejected still
+gets its batch, as one `filler` row that training ignores, so every rank runs every step.
 """
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ from tim_ray.data.tensors import row_tensors, stacked, with_tensor
 
 RUN_AHEAD_BYTES = 128 * 2**20
 # Windows per Ray Data execution: an epoch of a huge set runs as several executions of this many windows (one
-# input block per batch: 64 windows of 8192 rows in batches of 64 are 8192 blocks to plan), and each execution
+# input block per decode task: up to 8192 for 64 windows of 8192 rows in batches of 64), and each execution
 # starts its encoder actors anew.
 WINDOWS_PER_PIPELINE = 64
+# Decoded bytes a decode task aims at (see batches_per_task), and its most batches.
+TASK_BYTES = 16 * 2**20
+MAX_BATCHES_PER_TASK = 32
 
 
 class IdleBackoff(ExecutionCallback):
@@ -162,11 +166,12 @@ def _window_plan(layout, data, window: int, start: int, global_batch: int | None
     return [b for b in window_batches(layout, window, buckets, data.bucket_batch_sizes) if b.after > start]
 
 
-def batch_group(item: pa.Table, *, data, epoch: int, start: int, global_batch: int | None, rank: int,
+def batch_chunk(item: pa.Table, *, data, epoch: int, start: int, global_batch: int | None, rank: int,
                 world: int, cache) -> Iterator[pa.Table]:
-    """Ray Data map: (window, slot) -> this rank's share of that window's slot-th planned global batch, or nothing
-    when the window plans fewer batches (bucketed windows: the slots are an upper bound)."""
-    window, slot = item["window"][0].as_py(), item["slot"][0].as_py()
+    """Ray Data map: (window, first, count) -> this rank's share of that window's planned global batches
+    first .. first + count - 1, in order, one table each (Ray Data joins them into the task's one output block);
+    nothing for slots the window does not plan (bucketed windows: the slots are an upper bound)."""
+    window, first, count = (item[name][0].as_py() for name in ("window", "first", "count"))
     layout = data.layout(epoch)
     tables: dict[int, pa.Table] = {}
 
@@ -175,16 +180,13 @@ def batch_group(item: pa.Table, *, data, epoch: int, start: int, global_batch: i
             tables[w] = ray.get(ray.get(cache.window.remote(epoch, w))[0])
         return tables[w]
 
-    planned = _window_plan(layout, data, window, start, global_batch, window_table)
-    if slot >= len(planned):
-        return
-    batch = planned[slot]
-    rows = _take(layout, window_table, rank_slice(batch.positions, rank, world))
-    if data.precomputed:
-        yield _plan_columns(augment_precomputed(rows, data, epoch), batch, [], False)
-        return
-    table, rejects = clean_batch(rows, data, epoch)
-    yield _plan_columns(filler_row(data) if table is None else table, batch, rejects, table is None)
+    for batch in _window_plan(layout, data, window, start, global_batch, window_table)[first:first + count]:
+        rows = _take(layout, window_table, rank_slice(batch.positions, rank, world))
+        if data.precomputed:
+            yield _plan_columns(augment_precomputed(rows, data, epoch), batch, [], False)
+            continue
+        table, rejects = clean_batch(rows, data, epoch)
+        yield _plan_columns(filler_row(data) if table is None else table, batch, rejects, table is None)
 
 
 def _slots(layout, data, window: int, start: int, global_batch: int | None) -> int:
@@ -192,6 +194,29 @@ def _slots(layout, data, window: int, start: int, global_batch: int | None) -> i
     if global_batch is not None:
         return len(fixed_batches(layout, start, global_batch, window=window))
     return -(-layout.window_size(window) // int(min(data.bucket_batch_sizes)))
+
+
+def batches_per_task(data, global_batch: int | None, world: int) -> int:
+    """How many of a rank's batches one decode task makes: about TASK_BYTES of decoded pixels. Each Ray Data task
+    costs tens of ms of CPU over the driver, the worker and Ray's daemons (measured: 32x32 rows in tasks of 1024
+    rows used 0.6-0.75x the CPU per row of tasks of 256), which only matters when a batch is little work."""
+    rows = (global_batch or max(data.bucket_batch_sizes)) / world
+    row_bytes = max(height * width for height, width in data.geometry.sizes) * data.geometry.channels
+    return max(1, min(MAX_BATCHES_PER_TASK, int(TASK_BYTES // max(1.0, rows * row_bytes))))
+
+
+def task_items(slots: list[tuple[int, int]], most: int) -> list[dict]:
+    """Decode task items {window, first, count} over (window, slots) in order. A task's output appears only when
+    it ends, so the first tasks of a pipeline take 1, 2, 4, ... batches up to `most`: the first step waits for one
+    batch to be decoded (and text-encoded), not for `most`."""
+    items, size = [], 1
+    for window, count in slots:
+        first = 0
+        while first < count:
+            items.append({"window": window, "first": first, "count": min(size, count - first)})
+            first += size
+            size = min(most, size * 2)
+    return items
 
 
 def _configure(ds: ray.data.Dataset) -> None:
@@ -225,16 +250,15 @@ def rank_stream(data, epoch: int, start: int, global_batch: int | None, rank: in
     global_batch: rows per step of fixed-size data; None for aspect buckets (sized by the token budget)."""
     layout = data.layout(epoch)
     first = int(layout.window_of(start)) if start < layout.num_rows else layout.num_windows
+    most = batches_per_task(data, global_batch, world)
     for chunk in range(first, layout.num_windows, WINDOWS_PER_PIPELINE):
-        items = [{"window": w, "slot": k} for w in range(chunk, min(chunk + WINDOWS_PER_PIPELINE, layout.num_windows))
-                 for k in range(_slots(layout, data, w, start, global_batch))]
+        windows = range(chunk, min(chunk + WINDOWS_PER_PIPELINE, layout.num_windows))
+        items = task_items([(w, _slots(layout, data, w, start, global_batch)) for w in windows], most)
         if not items:
             continue
-        # One item (so one task, one output block) per batch: a block is emitted when its task ends, so a task per
-        # window would hold every batch of the window back until the last one is decoded.
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one item, so one task, per block
         _configure(ds)
-        ds = ds.map_batches(batch_group, batch_size=1, batch_format="pyarrow",
+        ds = ds.map_batches(batch_chunk, batch_size=1, batch_format="pyarrow",
                             compute=ray.data.TaskPoolStrategy(size=data.decode_tasks),
                             fn_kwargs={"data": data, "epoch": epoch, "start": start, "global_batch": global_batch,
                                        "rank": rank, "world": world, "cache": cache})
