@@ -4,7 +4,9 @@ the images (docker/) and the commands of the platform guide (docs/platform.md).
 No cluster and no docker here: Kubernetes objects and Ray pod templates are validated against the Kubernetes JSON
 schema (kubernetes-validate, strict), the RayCluster/RayJob fields against KubeRay v1.7's (RAY_NOTES.md §5), every
 entrypoint against the real `tim-ray` parser and config loader, and the worker groups against the ScalingConfig
-that `tim-ray train` builds from the recipe.
+that `tim-ray train` builds from the recipe. Security settings (non-root users, securityContext, NetworkPolicy,
+MLflow's authentication) are read from the parsed YAML and Dockerfiles: no Kubernetes API server or CNI exists here
+to admit the pods or enforce the policies, so what Kubernetes would do with them is not checked.
 """
 import json
 import math
@@ -210,7 +212,8 @@ def test_every_manifest_is_yaml_of_known_kinds():
             assert doc["metadata"].get("name"), f"{name}: {doc['kind']} without metadata.name"
             kinds[doc["kind"]] = doc["apiVersion"]
     assert kinds == {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "PersistentVolumeClaim": "v1",
-                     "Deployment": "apps/v1", "Service": "v1"}
+                     "Deployment": "apps/v1", "Service": "v1", "ConfigMap": "v1",
+                     "NetworkPolicy": "networking.k8s.io/v1"}
 
 
 def test_kubernetes_objects_match_the_kubernetes_schema():
@@ -313,6 +316,19 @@ def test_runtime_env_is_one_ray_accepts():
     RuntimeEnv(**env)  # raises on unknown or mistyped fields
     assert (ROOT / env["working_dir"] / "jobs" / "quickstart.sh").is_file()
     assert "/jobs/" not in env["excludes"] and "/configs/" not in env["excludes"]
+
+
+def test_jobs_give_the_driver_time_to_checkpoint_on_a_stop():
+    """`ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (3 s by default: the stop's
+    checkpoint was lost). The shipped runtime env and the RayJob's set the same, longer wait."""
+    from ray.runtime_env import RuntimeEnv
+
+    from tim_ray.train.stop import JOB_STOP_WAIT_ENV
+
+    shipped = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    job = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
+    RuntimeEnv(**job)
+    assert job["env_vars"] == shipped and int(shipped[JOB_STOP_WAIT_ENV]) >= 60
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,6 +473,121 @@ def test_images_are_this_versions_builds():
     for container in [*one("Deployment")["spec"]["template"]["spec"]["containers"],
                       *one("Deployment")["spec"]["template"]["spec"]["initContainers"]]:
         assert container["image"] == f"registry.example.com/tim-ray:{version}-cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Security: non-root pods, restricted containers, network policies, MLflow behind authentication
+
+RAY_IMAGE_UID = 1000  # the Ray image's user `ray` (group users, 100); docker/Dockerfile.cpu creates the same
+
+
+def pods() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod deployed: each Ray group of each cluster spec, and MLflow's."""
+    return ([(f"{where} {name}", g["template"]["spec"]) for where, spec in cluster_specs() for name, g in groups(spec)]
+            + [("Deployment/mlflow", one("Deployment")["spec"]["template"]["spec"])])
+
+
+@pytest.mark.parametrize("where,pod", pods(), ids=[w for w, _ in pods()])
+def test_every_pod_runs_as_non_root_with_restricted_containers(where, pod):
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == RAY_IMAGE_UID, where
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        what = f"{where} {container['name']}"
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}, what
+        assert context.get("privileged") is not True and context.get("runAsUser", 1) != 0, what
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        if container in pod["containers"]:  # temp files go to an emptyDir, not the image's layer
+            assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{what}: /tmp is not an emptyDir"
+    mlflow = one("Deployment")["spec"]["template"]["spec"]
+    if pod is mlflow:  # a plain server: nothing but /tmp and the volume is written
+        assert all(c["securityContext"]["readOnlyRootFilesystem"] is True
+                   for c in pod["containers"] + pod["initContainers"]), where
+
+
+@pytest.mark.parametrize("where,spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
+def test_the_autoscaler_sidecar_is_restricted_like_the_ray_containers(where, spec):
+    sidecar = spec["autoscalerOptions"]["securityContext"]
+    assert all(ray_container(g)["securityContext"] == sidecar for _, g in groups(spec)), where
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_images_run_as_a_non_root_user(name):
+    steps = dockerfile(name)
+    users = [a for i, a in steps if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{name}: the image's last USER is root"
+    if name == "Dockerfile.cpu":  # the user it creates is the one the pods run as
+        (created,) = [a for i, a in steps if i == "RUN" and "useradd" in a]
+        assert f"--uid {RAY_IMAGE_UID}" in created and users[-1] == f"{RAY_IMAGE_UID}:100"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items() and not selector.get("matchExpressions")
+
+
+def test_network_policies_admit_only_the_ray_pods_to_ray_and_mlflow():
+    policies = {p["metadata"]["name"]: p["spec"] for p in objects("NetworkPolicy")}
+    ray_labels = [g["template"]["metadata"]["labels"] for _, spec in cluster_specs() for _, g in groups(spec)]
+    mlflow_labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    ray, mlflow = policies["tim-ray"], policies["mlflow"]
+    assert all(_selects(ray["podSelector"], labels) for labels in ray_labels), "a Ray pod escapes the policy"
+    assert not _selects(ray["podSelector"], mlflow_labels) and _selects(mlflow["podSelector"], mlflow_labels)
+    assert ray["policyTypes"] == mlflow["policyTypes"] == ["Ingress"]
+
+    # Ray: every port between Ray pods; from anywhere else, only the job server (8265) of this namespace and
+    # the KubeRay operator's (which polls and stops jobs through it).
+    mesh, job_server = ray["ingress"]
+    (peers,) = mesh["from"]
+    assert "ports" not in mesh and peers["podSelector"] == ray["podSelector"]
+    assert job_server["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert [p.get("podSelector") for p in job_server["from"]] == [{}, None]
+    assert job_server["from"][1]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kuberay"}}
+    assert "--namespace kuberay" in GUIDE.read_text(), "the operator's namespace is the guide's"
+
+    # MLflow: only the Ray pods, only its port.
+    (rule,) = mlflow["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"] == ray["podSelector"]
+    container = one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]
+
+
+def _secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_mlflow_requires_authentication_and_the_ray_pods_have_its_credentials():
+    import configparser
+
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert option(server["command"], "--app-name") == "basic-auth"
+    admin = _secret_env(server)
+    assert admin["MLFLOW_AUTH_ADMIN_USERNAME"] == ("mlflow-auth", "username")
+    assert admin["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-auth", "password")
+    assert admin["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == "mlflow-auth"
+    # The auth settings: from the ConfigMap, mounted where MLFLOW_AUTH_CONFIG_PATH points; the user store on the
+    # shared volume (the default, a relative sqlite file, would land on the read-only root and vanish with the pod).
+    (config_path,) = [e["value"] for e in server["env"] if e["name"] == "MLFLOW_AUTH_CONFIG_PATH"]
+    (mount,) = [m for m in server["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (config_map,) = [c for c in objects("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]]
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"][Path(config_path).name])
+    assert ini["mlflow"]["database_uri"].startswith(f"sqlite:///{SHARED_MOUNT}/")
+    assert "admin_password" not in ini["mlflow"], "the password belongs in the Secret, not the ConfigMap"
+    # Every Ray container logs with the same user (tim-ray's MLflow client reads MLFLOW_TRACKING_*).
+    for where, spec in cluster_specs():
+        for name, group in groups(spec):
+            env = _secret_env(ray_container(group))
+            assert env["MLFLOW_TRACKING_USERNAME"] == admin["MLFLOW_AUTH_ADMIN_USERNAME"], f"{where} {name}"
+            assert env["MLFLOW_TRACKING_PASSWORD"] == admin["MLFLOW_AUTH_ADMIN_PASSWORD"], f"{where} {name}"
+    secret = [c for c in guide_commands() if c.startswith("kubectl create secret generic mlflow-auth ")]
+    assert secret and all(f"--from-literal={key}=" in secret[0] for _, key in admin.values()), \
+        "the guide must create Secret mlflow-auth with every key the server reads"
 
 
 # ---------------------------------------------------------------------------------------------------------------

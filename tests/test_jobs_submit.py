@@ -4,12 +4,14 @@ The commands are the platform guide's own (docs/platform.md lines marked "# run 
 start a head, `ray job submit` the quickstart job of jobs/ (4 steps), read its status and logs. Then what the job
 left is checked as a user would: the checkpoint on disk and the MLflow run through the client. The same head then
 serves as the node that the GPU workers' preStop hook (cluster/raycluster.yaml) drains. The MLflow server starts
-from cluster/mlflow.yaml's own arguments.
+from cluster/mlflow.yaml's own arguments, environment and auth settings (ConfigMap), with a stand-in for its Secret.
 
 Only processes this module started are stopped, by their id: never `ray stop`, which ends every Ray on the machine.
 """
+import base64
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -96,11 +98,14 @@ def _wait_http(url: str, headers: dict, what: str, proc: subprocess.Popen, log: 
         time.sleep(1)
 
 
-def _mlflow_argv(root: Path, port: int) -> tuple[list[str], list[str]]:
-    """cluster/mlflow.yaml's init and server commands, with /mnt/tim under `root` and bound to 127.0.0.1:port."""
-    (deployment,) = [d for d in yaml.safe_load_all((ROOT / "cluster" / "mlflow.yaml").read_text())
-                     if d["kind"] == "Deployment"]
+def _mlflow_server(root: Path, port: int) -> tuple[list[str], list[str], dict[str, str], dict[str, str]]:
+    """cluster/mlflow.yaml's init and server commands, with /mnt/tim under `root` and bound to 127.0.0.1:port; the
+    server's environment, its auth settings (the ConfigMap's file, written under `root`) and fresh values for the
+    keys of Secret mlflow-auth, which is returned too."""
+    docs = list(yaml.safe_load_all((ROOT / "cluster" / "mlflow.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
 
     def local(argv):
         argv = [a.replace("/mnt/tim", str(root)) for a in argv]
@@ -109,8 +114,25 @@ def _mlflow_argv(root: Path, port: int) -> tuple[list[str], list[str]]:
                 argv[argv.index(flag) + 1] = value
         return argv
 
-    init, server = local(pod["initContainers"][0]["command"]), local(pod["containers"][0]["command"])
-    return init, [os.path.join(VENV_BIN, server[0]), *server[1:]]
+    secret, env = {}, {}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            key = item["valueFrom"]["secretKeyRef"]["key"]
+            env[item["name"]] = secret.setdefault(key, secrets.token_hex(16))
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for volume in [v for v in pod["volumes"] if "configMap" in v]:
+        (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"
+                         and d["metadata"]["name"] == volume["configMap"]["name"]]
+        for name, text in config_map["data"].items():
+            path = root / mounts[volume["name"]].lstrip("/") / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text.replace("/mnt/tim", str(root)))
+            env = {k: v.replace(f"{mounts[volume['name']]}/{name}", str(path)) for k, v in env.items()}
+    env["HOME"] = str(root)  # the pod's HOME is its /tmp emptyDir; here a private folder plays that part
+    init, server = local(pod["initContainers"][0]["command"]), local(container["command"])
+    return init, [os.path.join(VENV_BIN, server[0]), *server[1:]], env, secret
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +157,7 @@ def cluster(tmp_path_factory):
         f"--dashboard-agent-listen-port={agent}",
         f"--temp-dir={ray_tmp}", "--object-store-memory=536870912", "--disable-usage-stats"]
     head_log, mlflow_log = work / "ray_start.log", work / "mlflow.log"
-    init, server = _mlflow_argv(work / "mnt", mlflow_port)
+    init, server, mlflow_env, mlflow_secret = _mlflow_server(work / "mnt", mlflow_port)
     subprocess.run(init, check=True)
     started = []
     try:
@@ -143,14 +165,15 @@ def cluster(tmp_path_factory):
             head = subprocess.Popen(head_argv, env=env, cwd=ROOT, stdout=hl, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             started.append(head.pid)
-            mlflow = subprocess.Popen(server, env=env, stdout=ml, stderr=subprocess.STDOUT, start_new_session=True)
+            mlflow = subprocess.Popen(server, env={**env, **mlflow_env}, stdout=ml, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
             started.append(mlflow.pid)
         auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
         _wait_http(f"http://127.0.0.1:{dashboard}/api/version", auth, "the Ray job server", head, head_log)
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", {}, "the MLflow server", mlflow, mlflow_log)
         yield {"env": env, "lines": lines, "work": work, "gcs": f"127.0.0.1:{gcs}",
                "dashboard": f"http://127.0.0.1:{dashboard}", "mlflow": f"http://127.0.0.1:{mlflow_port}",
-               "mlflow_root": work / "mnt" / "mlflow"}
+               "mlflow_root": work / "mnt" / "mlflow", "mlflow_secret": mlflow_secret}
     finally:
         _stop_sessions(*started)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -189,26 +212,35 @@ def test_job_server_refuses_a_client_without_the_token(cluster):
     assert out.returncode != 0 and "token" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
 
 
-def test_mlflow_server_of_the_manifest_serves_its_service_names_only(cluster):
+def test_mlflow_server_of_the_manifest_requires_login_and_serves_its_service_names_only(cluster, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     url = f"{cluster['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    user, password = cluster["mlflow_secret"]["username"], cluster["mlflow_secret"]["password"]
 
-    def status(host: str) -> int:
+    def status(host: str, login: tuple[str, str] | None = (user, password)) -> int:
+        headers = {"Host": host}
+        if login:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=10) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
                 return r.status
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    assert status("mlflow:5000", login=None) == 401 and status("mlflow:5000", login=(user, "wrong")) == 401
     assert {h: status(h) for h in ["mlflow:5000", "mlflow.tim.svc.cluster.local:5000", "localhost:5000",
                                    "attacker.example.com", "10.1.2.3:5000"]} == {
         "mlflow:5000": 200, "mlflow.tim.svc.cluster.local:5000": 200, "localhost:5000": 200,
         "attacker.example.com": 403, "10.1.2.3:5000": 403}
+    # tim-ray's client, with the credentials the Ray pods get from the Secret.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     client = MlflowClient(tracking_uri=cluster["mlflow"])
     run = client.create_run(client.create_experiment("platform-test"))
     client.log_metric(run.info.run_id, "mse", 0.5, step=1)
     assert (cluster["mlflow_root"] / "mlflow.db").is_file(), "the store is not where the manifest puts it"
+    assert (cluster["mlflow_root"] / "basic_auth.db").is_file(), "the user store is not on the shared volume"
 
 
 def test_prestop_hook_drains_the_ray_node_and_waits_for_training_workers(cluster):
