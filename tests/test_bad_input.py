@@ -114,3 +114,77 @@ def test_a_corrupt_state_json_with_matching_checksums_is_one_line(tmp_path, chec
         err = one_line_error(run(*command, "--out", str(tmp_path / "out")), code=1)
         assert err.startswith(f"tim-ray: error: {damaged / 'state.json'} is corrupt ('utf-8' codec can't decode")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample / eval / export arguments: in this process (the CLI's own main, one torch import for all of them)
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """(exit code, stderr) of `tim-ray ARGS` run by main() here."""
+    from tim_ray.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "nan"], "sample.cfg_scale in the command line must be a finite number, got nan"),
+    (["--stochasticity", "inf"], "sample.stochasticity in the command line must be a finite number, got inf"),
+    (["--stochasticity", "-1"], "sample.stochasticity must be in [0, 1], got -1.0"),
+    (["--seed", "1e23"], "argument --seed: invalid int value: '1e23' (see tim-ray sample --help)"),
+    (["--seed", "100000000000000000000000"], "sample.seed must be in [0, 2^32), got 100000000000000000000000"),
+    (["--seed", "-1"], "sample.seed must be in [0, 2^32), got -1"),
+    (["--height", "100000"], "image size 100000x16 is beyond the sizes this model's data takes: aspect ratio at "
+                             "most 10 (data.max_aspect_ratio), at most 100000000 pixels (data.max_image_pixels)"),
+    (["--height", "20000", "--width", "20000"], "image size 20000x20000 is beyond the sizes"),
+    (["--height", "0"], "image size 0x16 does not fit this model"),
+    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    (["--num", "-2"], "--num must be > 0, got -2"),
+])
+def test_bad_sample_arguments_are_one_line(tmp_path, capsys, checkpoint, extra, message):
+    code, err = cli(capsys, "sample", str(checkpoint), "--class", "1", *extra, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "nan"], "sample.cfg_scale in the command line must be a finite number, got nan"),
+    (["--seed", "-5"], "sample.seed must be in [0, 2^32), got -5"),
+    (["--num-samples", "0"], "--num-samples must be at least 2, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be > 0, got -1"),
+    (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["--nfe", "2,x"], "--nfe must be comma-separated integers, got '2,x'"),
+])
+def test_bad_eval_arguments_are_one_line(tmp_path, capsys, checkpoint, extra, message):
+    code, err = cli(capsys, "eval", str(checkpoint), "--metric", "consistency", *extra,
+                    "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_directory_the_system_refuses_is_one_line(capsys, checkpoint):
+    """sysfs refuses new directories, to root too (chmod would not stop root, who runs these tests in CI)."""
+    for command in (["sample", str(checkpoint), "--class", "1"], ["export", str(checkpoint)]):
+        code, err = cli(capsys, *command, "--out", "/sys/tim-ray-out")
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith("tim-ray: error: /sys/tim-ray-out: ")  # Operation not permitted / Permission denied
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, checkpoint, monkeypatch):
+    """A write that fails for want of space names no file; simulated (no small filesystem can be mounted here)."""
+    import errno
+
+    import tim_ray.eval.samples
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tim_ray.eval.samples, "save_png", full)
+    code, err = cli(capsys, "sample", str(checkpoint), "--class", "1", "--out", str(tmp_path / "out"))
+    assert (code, err) == (1, "tim-ray: error: No space left on device\n")

@@ -1,7 +1,7 @@
 """`tim-ray`: the command line. Each subcommand parses its arguments and hands over to the module that does the work.
 
 Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure (a damaged or
-incomplete checkpoint or export is one line on stderr too).
+incomplete checkpoint or export, and a file or directory the system refuses, are one line on stderr too).
 """
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ RUNTIME_ERROR = 1
 
 class UsageError(ValueError):
     """A bad command line that argparse cannot see (e.g. a missing file). Printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is one line (argparse prints its usage block first); subcommand
+    parsers are of this class too (add_subparsers uses the parent's)."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +123,12 @@ def _sample_settings(cfg, args, nfe: int | None = None):
     return from_dict(tree, source="the command line").sample
 
 
+def _positive(**flags: int) -> None:
+    for flag, value in flags.items():
+        if value <= 0:
+            raise UsageError(f"{flag} must be > 0, got {value}")
+
+
 def _read_prompts(path: str) -> list[str]:
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
@@ -132,15 +146,15 @@ def cmd_sample(args) -> int:
 
     prompts = _read_prompts(args.prompts) if args.prompts else list(args.prompt or [])
     labels = list(args.labels or [])
-    if args.num <= 0 or args.batch_size <= 0:
-        raise UsageError("--num and --batch-size must be positive")
+    _positive(**{"--num": args.num, "--batch-size": args.batch_size})
     pipeline = ImagePipeline.open(args.checkpoint, ema=False if args.no_ema else None, device=args.device)
     cfg = pipeline.config
     settings = _sample_settings(cfg, args, args.nfe)
     if not prompts and not labels:
         prompts, labels = default_conditions(cfg)
     request = SampleRequest(prompts=prompts, labels=labels, per_condition=args.num,
-                            height=args.height or cfg.data.height, width=args.width or cfg.data.width,
+                            height=cfg.data.height if args.height is None else args.height,
+                            width=cfg.data.width if args.width is None else args.width,
                             config=settings, batch_size=args.batch_size)
     manifest = write_samples(pipeline, request, args.out)
     print(f"tim-ray sample: {len(manifest['images'])} images of {request.height}x{request.width} at "
@@ -228,10 +242,11 @@ def cmd_eval(args) -> int:
 
     nfe = _int_list(args.nfe, "--nfe") if args.nfe else None
     metrics = [m.strip() for text in args.metric or [] for m in text.split(",") if m.strip()]
+    _positive(**{"--batch-size": args.batch_size})
     pipeline = ImagePipeline.open(args.checkpoint, ema=False if args.no_ema else None, device=args.device)
     cfg, loaded = pipeline.config, pipeline.loaded
     request = EvalRequest(nfe=nfe or list(cfg.eval.nfe), metrics=metrics or list(cfg.eval.metrics),
-                          num_samples=args.num_samples or cfg.eval.num_samples,
+                          num_samples=cfg.eval.num_samples if args.num_samples is None else args.num_samples,
                           seed=cfg.sample.seed if args.seed is None else args.seed,
                           sample=_sample_settings(cfg, args), batch_size=args.batch_size, inception=args.inception)
     if args.out:
@@ -301,7 +316,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tim-ray",
         description="Train Transition Models (TiM) on Ray: any-step text-to-image generation.",
     )
@@ -373,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     except CheckpointError as exc:
         print(f"tim-ray: error: {exc}", file=sys.stderr)
+        return RUNTIME_ERROR
+    except OSError as exc:
+        if exc.errno is None:  # not the system's refusal but a library's own error: keep its traceback
+            raise
+        # A file or directory the system refused: an --out that is read-only, a full disk (its error names no
+        # file), a path that vanished.
+        print(f"tim-ray: error: {f'{exc.filename}: ' if exc.filename else ''}{exc.strerror}", file=sys.stderr)
         return RUNTIME_ERROR
     except KeyboardInterrupt:
         print("tim-ray: interrupted", file=sys.stderr)

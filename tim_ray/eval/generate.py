@@ -38,6 +38,21 @@ def sample_images(model, cond: dict, uncond: dict | None, noise: torch.Tensor, n
     return torch.cat(out)
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N that this machine has; None = cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's error lists twenty device types tim-ray cannot run on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got '{name}'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 class ConditionError(ConfigError):
     """Prompts for a class-conditional model, labels for a text one, or labels out of range."""
 
@@ -54,7 +69,7 @@ class ImagePipeline:
     def open(cls, path, ema: bool | None = None, device=None) -> "ImagePipeline":
         from tim_ray.train.export import load_for_inference
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(device)
         loaded = load_for_inference(path, ema=ema, device=device)
         return cls(loaded, codec_for(loaded.config.model, loaded.model.in_channels, device), device)
 
@@ -102,12 +117,19 @@ class ImagePipeline:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent shape of a height x width image; one line naming the multiple if the size does not fit
-        the codec's downsampling and the network's patch size (RoPE itself takes any grid)."""
+        the codec's downsampling and the network's patch size (RoPE itself takes any grid), or the limit if it
+        is a size its training data would have rejected as absurd (data.max_aspect_ratio, data.max_image_pixels:
+        a grid the model never saw, and a run of hours or an exhausted memory)."""
         multiple = self.codec.downsample * self.model.patch_size
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ConfigError(f"image size {height}x{width} does not fit this model: height and width must be "
                               f"positive multiples of {multiple} (patch {self.model.patch_size} x codec "
                               f"downsampling {self.codec.downsample})")
+        d = self.config.data
+        if max(height, width) > d.max_aspect_ratio * min(height, width) or height * width > d.max_image_pixels:
+            raise ConfigError(f"image size {height}x{width} is beyond the sizes this model's data takes: aspect "
+                              f"ratio at most {d.max_aspect_ratio:g} (data.max_aspect_ratio), at most "
+                              f"{d.max_image_pixels} pixels (data.max_image_pixels)")
         return self.codec.latent_shape(height, width)
 
     def noise(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:
