@@ -188,3 +188,29 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, checkpoint, monkeypatch):
     monkeypatch.setattr(tim_ray.eval.samples, "save_png", full)
     code, err = cli(capsys, "sample", str(checkpoint), "--class", "1", "--out", str(tmp_path / "out"))
     assert (code, err) == (1, "tim-ray: error: No space left on device\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers against the cluster
+
+
+def test_resources_needed_count_workers_encoders_and_one_cpu_for_data_tasks():
+    from tim_ray.train.launch import resource_shortfall, resources_needed
+
+    text = load_config(None, ["ray.num_workers=4", "ray.cpus_per_worker=2", "data.encode_actors=2"])
+    assert resources_needed(text) == {"CPU": {"the workers": 8, "encoder actors": 8, "data tasks": 1},
+                                      "GPU": {"the workers": 0, "encoder actors": 0}}
+    elastic_class = load_config(None, ["ray.num_workers=8", "ray.min_workers=2", "model.conditioning=class",
+                                       "ray.use_gpu=true"])
+    assert resources_needed(elastic_class) == {"CPU": {"the workers": 2, "encoder actors": 0, "data tasks": 1},
+                                               "GPU": {"the workers": 2, "encoder actors": 0}}
+    assert resource_shortfall(elastic_class, {"CPU": 3, "GPU": 2}, "here") is None
+    assert resource_shortfall(elastic_class, {"CPU": 3, "GPU": 1}, "here") == (
+        "GPU", "ray.min_workers = 2 needs 2 GPUs (2 for the workers), but here has 1")
+
+
+def test_a_dry_run_that_cannot_fit_the_local_ray_is_one_line():
+    err = one_line_error(run("train", "--dry-run", "ray.num_workers=16"))
+    assert err == ("tim-ray: error: ray.num_workers = 16 needs 33 CPUs (16 for the workers, 16 for encoder actors, "
+                   "1 for data tasks), but a local Ray has 8; lower ray.num_workers, ray.cpus_per_worker or "
+                   "data.encode_cpus, or raise ray.local_num_cpus\n")

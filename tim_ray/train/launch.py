@@ -133,13 +133,71 @@ def build_trainer(cfg: Config, run_dir: Path, tracker, data, *, start_from: str 
     )
 
 
+def ray_target(cfg: Config, address: str | None) -> str | None:
+    """The cluster to join: `address`, else ray.address, else RAY_ADDRESS (set inside a submitted Ray job); None =
+    start a local Ray."""
+    return address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def resources_needed(cfg: Config) -> dict[str, dict[str, float]]:
+    """What a training run holds at once, at its smallest (ray.min_workers of an elastic run), per resource and
+    holder: each worker's CPUs (and one GPU with ray.use_gpu), the encoder actors of each rank's data pipeline
+    (text, and a latent codec, unless the data is precomputed), and one CPU for the data tasks (window reads,
+    batch decodes), which never schedule without it: the run would wait forever."""
+    from tim_ray.data.encode import EncoderSpec
+
+    workers = cfg.ray.min_workers or cfg.ray.num_workers
+    spec = EncoderSpec.of(cfg)
+    actors = 0 if cfg.data.precomputed else workers * (spec.text + spec.latent) * cfg.data.encode_actors
+    return {"CPU": {"the workers": workers * cfg.ray.cpus_per_worker, "encoder actors": actors * cfg.data.encode_cpus,
+                    "data tasks": 1},
+            "GPU": {"the workers": workers * cfg.ray.use_gpu, "encoder actors": actors * cfg.data.encode_gpus}}
+
+
+def local_ray_resources(cfg: Config) -> dict[str, float]:
+    """What the local Ray that start_ray starts will have: ray.local_num_cpus, and the GPUs Ray detects (the
+    CUDA devices this process sees)."""
+    import torch
+
+    return {"CPU": cfg.ray.local_num_cpus, "GPU": torch.cuda.device_count()}
+
+
+def resource_shortfall(cfg: Config, available: dict[str, float], where: str) -> tuple[str, str] | None:
+    """(resource, one line saying what the run needs of it and `where` lacks), or None if the run fits."""
+    for kind, holders in resources_needed(cfg).items():
+        need = sum(holders.values())
+        if need > available.get(kind, 0):
+            workers = f"ray.min_workers = {cfg.ray.min_workers}" if cfg.ray.min_workers else \
+                f"ray.num_workers = {cfg.ray.num_workers}"
+            parts = ", ".join(f"{amount:g} for {holder}" for holder, amount in holders.items() if amount)
+            return kind, (f"{workers} needs {need:g} {kind}s ({parts}), but {where} has "
+                          f"{available.get(kind, 0):g}")
+    return None
+
+
+def check_local_fit(cfg: Config, address: str | None) -> None:
+    """A ConfigError (exit 2) if the run cannot fit the local Ray it would start: without this it waits forever.
+    Nothing to check when this process is connected to a Ray already (a notebook, a test): launch checks that one
+    once connected."""
+    import ray
+
+    if ray_target(cfg, address) is not None or ray.is_initialized():
+        return
+    short = resource_shortfall(cfg, local_ray_resources(cfg), "a local Ray")
+    if short is not None:
+        kind, problem = short
+        fix = ("lower ray.num_workers, ray.cpus_per_worker or data.encode_cpus, or raise ray.local_num_cpus"
+               if kind == "CPU" else "lower ray.num_workers or data.encode_gpus, or set ray.use_gpu = false")
+        raise ConfigError(f"{problem}; {fix}")
+
+
 def start_ray(cfg: Config, address: str | None) -> str:
     """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs."""
     import ray
 
     if ray.is_initialized():  # a caller (a notebook, a test) already connected this process
         return "using the Ray this process is connected to"
-    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    target = ray_target(cfg, address)
     if target:
         ray.init(address=target, log_to_driver=True)
         return f"joined the Ray cluster at {target}"
@@ -159,6 +217,7 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
     start_from = resolve_resume(cfg, resume)
     if (set_aside := set_aside_stale_registry(cfg)) is not None:
         print(f"tim-ray train: {set_aside}", flush=True)
+    check_local_fit(cfg, address)
     data = open_training_data(cfg)  # metadata only, before Ray starts or anything is written: fails in seconds
     init = prepare_init(cfg, init_from, init_ema) if init_from else None  # likewise: a misfit fails now
     run_dir = run_dir_of(cfg)
@@ -168,6 +227,10 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
     print(f"tim-ray train: {data.describe()}; rejected rows are counted as they stream (listed in "
           f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
     print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
+    # A joined cluster may grow (an autoscaler adds nodes for pending workers), so a shortfall there is a warning.
+    if (short := resource_shortfall(cfg, ray.cluster_resources(), "the Ray cluster now")) is not None:
+        print(f"tim-ray train: warning: {short[1]}; the run waits until the cluster grows", file=sys.stderr,
+              flush=True)
     tracker = Tracker.for_launch(cfg, run_dir)
     for line in init.announce(tracker) if init else ():
         print(f"tim-ray train: {line}", flush=True)

@@ -1,10 +1,8 @@
 """`tim-ray train --dry-run`: what a run would do, computed without training, starting Ray or writing anything."""
 from __future__ import annotations
 
-import os
-
 from tim_ray.config import Config, Derived
-from tim_ray.train.launch import latest_checkpoint, run_dir_of, storage_root
+from tim_ray.train.launch import check_local_fit, latest_checkpoint, ray_target, run_dir_of, storage_root
 
 FP32 = 4
 
@@ -28,6 +26,7 @@ def describe_plan(cfg: Config, start_from: str | None, address: str | None) -> s
     from tim_ray.data.batches import open_training_data
     from tim_ray.models.registry import build_model, count_parameters
 
+    check_local_fit(cfg, address)
     data = open_training_data(cfg)
 
     in_channels, text_dim = model_inputs(cfg)
@@ -38,8 +37,7 @@ def describe_plan(cfg: Config, start_from: str | None, address: str | None) -> s
     ema = shard if cfg.ema.enabled else 0
     per_rank = {"params": shard, "grads": shard, "optimizer (AdamW m, v)": 2 * shard, "EMA": ema}
     workers = f"({cfg.ray.min_workers}, {world}) elastic" if cfg.ray.min_workers else str(world)
-    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or \
-        f"a new local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
+    target = ray_target(cfg, address) or f"a new local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
     resume = start_from or latest_checkpoint(cfg) or "nothing (fresh start)"
     lines = [
         f"model:         {cfg.model.arch} ({cfg.model.conditioning}-conditioned), {n_params:,} parameters, "
