@@ -16,6 +16,8 @@ rule that launches 2 and 3 are checked on (tests/test_train_stop.py runs that re
 its own MLflow run in the run directory's sqlite store, tagged with the run of the launch before it; the SIGKILLed
 launch's run, left RUNNING, is closed as KILLED by the next launch.
 
+The second test checks the MLflow side alone on a sqlite store (no Ray): only a run left RUNNING is closed.
+
 A killed worker and a drain are covered elsewhere (tests/test_train_resume.py, tests/test_train_elastic.py and the
 preStop hook in tests/test_jobs_submit.py). Only processes this module started are stopped, by their id.
 """
@@ -37,8 +39,6 @@ from test_cluster_manifests import ROOT
 
 from tim_ray.tracking import RESTARTED_FROM_TAG
 from tim_ray.train.checkpoints_on_disk import newest_verified
-
-pytestmark = pytest.mark.ray
 
 NAME = "stops"
 OVERRIDES = ["model.arch=tim-tiny", "model.conditioning=class", "data.max_samples=4096", "data.height=16",
@@ -143,6 +143,7 @@ def _job_logs(head: dict, submission_id: str) -> str:
     return _job_api(head, f"{submission_id}/logs")["logs"]
 
 
+@pytest.mark.ray
 def test_every_driver_stop_resumes_from_the_newest_checkpoint_and_links_the_mlflow_runs(head):
     from mlflow.tracking import MlflowClient
 
@@ -224,3 +225,27 @@ def test_every_driver_stop_resumes_from_the_newest_checkpoint_and_links_the_mlfl
     assert [r.data.tags.get(RESTARTED_FROM_TAG) for r in runs] == [None] + [r.info.run_id for r in runs[:-1]]
     assert (run_dir / "mlflow_run_id").read_text() == runs[-1].info.run_id
     print("\n" + "\n".join(measured))
+
+
+def test_a_launch_closes_only_a_run_left_running_and_links_any_earlier_one(tmp_path):
+    """Tracker.for_launch on a real sqlite store, without Ray: a run left RUNNING is closed as KILLED; a run that
+    ended keeps its status; a recorded id the store does not know (tracking.uri changed) is named, not fatal."""
+    from mlflow.tracking import MlflowClient
+
+    from tim_ray.config import load_config
+    from tim_ray.tracking import RUN_ID_FILE, Tracker
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path}"])
+    first = Tracker.for_launch(cfg, tmp_path)  # its driver "dies": the run stays RUNNING
+    second = Tracker.for_launch(cfg, tmp_path)
+    assert (second.previous_run_id, second.previous_status) == (first.run_id, "KILLED (was still RUNNING)")
+    second.finish()
+    third = Tracker.for_launch(cfg, tmp_path)
+    assert (third.previous_run_id, third.previous_status) == (second.run_id, "FINISHED")
+    client = MlflowClient(tracking_uri=third.uri)
+    assert [client.get_run(t.run_id).info.status for t in (first, second, third)] == ["KILLED", "FINISHED", "RUNNING"]
+    assert client.get_run(third.run_id).data.tags[RESTARTED_FROM_TAG] == second.run_id
+
+    (tmp_path / RUN_ID_FILE).write_text("0123456789abcdef0123456789abcdef")
+    fourth = Tracker.for_launch(cfg, tmp_path)
+    assert fourth.previous_status.startswith(f"not found in {fourth.uri}") and "\n" not in fourth.previous_status
