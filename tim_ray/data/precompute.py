@@ -305,6 +305,9 @@ def read_manifest(where: str | Path) -> dict:
         raise DataError(f"'{where / MANIFEST}' is not valid JSON ({exc}); precompute again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != 2:
         raise DataError(f"'{where / MANIFEST}' is not a tim-ray precompute manifest of format 2; precompute again")
+    missing = [key for key in ("shards", "buckets", "signature", "flipped_latents") if key not in manifest]
+    if missing:
+        raise DataError(f"'{where / MANIFEST}' lacks {', '.join(missing)}; precompute again")
     return manifest
 
 
@@ -315,6 +318,10 @@ def open_precomputed(cfg) -> PrecomputedSource:
     _check_signature(cfg, manifest, where)
     null_text = None
     if (where / NULL_TEXT).is_file():
-        with np.load(where / NULL_TEXT, allow_pickle=False) as saved:
-            null_text = (saved["text"], saved["text_mask"])
+        try:
+            with np.load(where / NULL_TEXT, allow_pickle=False) as saved:
+                null_text = (saved["text"], saved["text_mask"])
+        except (ValueError, KeyError, OSError) as exc:  # ValueError: a pickle inside, refused; or not an .npz
+            raise DataError(f"'{where / NULL_TEXT}' is not a tim-ray null-caption file ({exc}); precompute "
+                            f"again") from None
     return PrecomputedSource(str(where), manifest, null_text)

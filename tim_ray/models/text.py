@@ -11,6 +11,7 @@ graphs want that); the mask marks the real tokens.
 from __future__ import annotations
 
 import importlib
+import pickle
 from collections import OrderedDict
 
 import torch
@@ -108,6 +109,9 @@ def load_text_encoder(name: str = MINILM, max_tokens: int = 32, device="cpu",
         tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=source.local_files_only)
         model = AutoModel.from_pretrained(source.location, local_files_only=source.local_files_only,
                                           dtype=dtype or torch.float32)
+    except pickle.UnpicklingError:  # torch.load(weights_only) met more than tensors: its advice, to allow them, runs code
+        raise TextEncoderError(f"text encoder '{name}': its pickled weights file holds objects other than tensors "
+                               f"(refused: unpickling them could run code); use safetensors weights") from None
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise TextEncoderError(load_failure("text encoder", name, source, exc, MINILM_HINT)) from None
     tokenizer.padding_side = "right"  # causal decoders: padding after the text leaves real tokens' states untouched
