@@ -45,6 +45,7 @@ class ModelConfig:
 
 @dataclass
 class TransitionConfig:
+    objective: str = "tim"  # tim | flow_matching | meanflow (tim_ray.transition.objectives; docs/math.md §5)
     path: str = "otfm"  # otfm | trigflow
     interval_sampler: str = "logit_normal_pair"  # logit_normal_pair | uniform_pair | independent (transition.intervals)
     p_mean: float = 0.0
@@ -62,10 +63,12 @@ class TransitionConfig:
     sigma_d: float = 1.0
     adaptive_weight: bool = True
     directional_loss: bool = True
-    repa_coeff: float = 1.0
+    repa_coeff: float = 1.0  # the REPA term's weight; the term is on when model.repa_dim > 0 and this is > 0
+    repa_encoder: str = ""  # the frozen vision encoder REPA aligns to: a transformers hub id or local path
     guidance_w_gt: float = 1.0  # enhanced target (model guidance); w_cond = 0 switches it off
     guidance_w_cond: float = 0.0
     guidance_window: list[float] = field(default_factory=lambda: [0.3, 0.8])
+    guidance_tangent: str = "conditional"  # conditional (v, the official recipe, B6) | guided (ṽ): dF/dt's tangent
 
 
 @dataclass
@@ -329,11 +332,13 @@ _CHOICES = {
     "model.attention": ("auto", "flash", "sdpa", "math"),
     "model.rope_grid": ("row_col", "official"),
     "model.codec_kind": ("auto", "kl", "dc"),
+    "transition.objective": ("tim", "flow_matching", "meanflow"),
     "transition.path": ("otfm", "trigflow"),
     "transition.interval_sampler": ("logit_normal_pair", "uniform_pair", "independent"),
     "transition.derivative": ("dde", "jvp"),
     "transition.time_weight": ("constant", "reciprocal", "sqrt", "square", "soft_min_snr"),
     "transition.time_weight_map": ("tangent", "sigmoid", "none"),
+    "transition.guidance_tangent": ("conditional", "guided"),
     "sample.mode": ("transition", "diffusion"),
     "train.precision": ("auto", "bf16", "fp32"),
     "eval.objective": ("", "shapes", "class_agreement"),
@@ -459,8 +464,37 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.ray.min_workers}")
     if not cfg.eval.nfe or any(n <= 0 for n in cfg.eval.nfe):
         raise ConfigError(f"eval.nfe must be a non-empty list of positive step counts, got {cfg.eval.nfe}")
+    _validate_training_objective(cfg)
     _validate_objective(cfg)
     _validate_data(cfg)
+
+
+def _validate_training_objective(cfg: Config) -> None:
+    """transition.objective reads only some transition.* keys: one set away from its default is refused, as is a
+    REPA projector nothing trains and a sampler rule the objective's network was not trained for."""
+    from tim_ray.transition.objectives import get_objective, unused_settings
+
+    t = cfg.transition
+    objective = get_objective(t.objective)
+    unused = unused_settings(t)
+    if unused:
+        settings = ", ".join(f"transition.{key} = {getattr(t, key)!r}" for key in unused)
+        raise ConfigError(f"transition.objective = {t.objective!r} does not use {settings}: remove "
+                          f"{'it' if len(unused) == 1 else 'them'}")
+    problem = objective.check(t)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.sample.mode not in objective.sample_modes:
+        raise ConfigError(f"transition.objective = {t.objective!r} trains no network that sample.mode = "
+                          f"{cfg.sample.mode!r} can use: set sample.mode to {' or '.join(objective.sample_modes)}")
+    if t.guidance_w_cond != 0 and not cfg.ema.enabled:
+        raise ConfigError("transition.guidance_w_cond ≠ 0 queries the EMA network: it needs ema.enabled = true")
+    if t.derivative == "jvp" and cfg.model.attention != "math":
+        raise ConfigError(f"transition.derivative = 'jvp' needs model.attention = 'math' (fused attention kernels "
+                          f"have no forward-mode rule), got {cfg.model.attention!r}")
+    if cfg.model.repa_dim and t.repa_coeff > 0 and not t.repa_encoder:
+        raise ConfigError(f"model.repa_dim = {cfg.model.repa_dim} builds a REPA projector that nothing trains: set "
+                          f"transition.repa_encoder (a vision encoder's hub id or path) or transition.repa_coeff = 0")
 
 
 def _validate_objective(cfg: Config) -> None:

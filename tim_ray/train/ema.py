@@ -50,6 +50,19 @@ class ShardLocalEMA:
                     p.copy_(saved[name])
 
 
+class EMAModel:
+    """The EMA network as a callable for the enhanced target: each call runs `model` with the EMA weights swapped
+    in, under no_grad (two weight copies per call: no second model is kept, so it works on FSDP2 shards)."""
+
+    def __init__(self, ema: ShardLocalEMA, model: nn.Module):
+        self.ema, self.model = ema, model
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        with self.ema.swapped_in(self.model):
+            return self.model(*args, **kwargs)
+
+
 def _reshard(model: nn.Module) -> None:
     """FSDP2 leaves the root's parameters unsharded after a forward; swap shards only in the sharded state."""
     if hasattr(model, "reshard"):

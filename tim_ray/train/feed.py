@@ -187,6 +187,11 @@ class TrainingFeed:
         prompts = self.grid_prompts()
         return (*prompt_conditions(self.text, prompts), prompts)
 
+    def null_text(self) -> dict:
+        """The empty caption's features as a 1-row condition, the null branch of the enhanced target."""
+        features, mask = self.text.encode([""])
+        return {"context": features.to(self.device), "context_mask": mask.to(self.device)}
+
     def report(self, run_dir: Path) -> dict:
         """The data's totals at the end of a run; rank 0 merges the rejects files into data.rejects_file."""
         report = {"source_rows": self.data.num_rows}

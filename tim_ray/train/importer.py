@@ -207,6 +207,8 @@ def _config(release: Release, tensors: dict, name: str, overrides: list[str]):
                          codec=release.codec, text_encoder=release.text_encoder,
                          max_text_tokens=release.max_text_tokens,
                          repa_dim=tensors[PROJECTOR_OUT].shape[0] if PROJECTOR_OUT in tensors else 0)
+    if tree["model"]["repa_dim"]:  # the kept projector is for the weights' sake: no vision encoder trains it here
+        tree["transition"]["repa_coeff"] = 0.0
     tree["data"].update(height=release.image_size, width=release.image_size)
     tree["train"]["name"] = name
     for dotted, value in [*release.settings.items(), *((k, v) for k, (v, _) in COMPAT.items())]:

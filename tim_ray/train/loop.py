@@ -17,7 +17,7 @@ from tim_ray.train.feed import Position, TrainingFeed
 from tim_ray.train.init_from import load_init
 from tim_ray.train.metrics import RunLog
 from tim_ray.train.parallelize import apply_activation_checkpointing, autocast_dtype, shard_model
-from tim_ray.train.step import build_optimizer, train_step
+from tim_ray.train.step import RepaTargets, build_optimizer, train_step
 from tim_ray.train.stop import StopChecks
 from tim_ray.transition.paths import get_path
 
@@ -155,6 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     global_batch = None if cfg.data.aspect_buckets else Derived.of(cfg, world_size=world).global_batch
     batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch,
                            on_epoch_end=lambda epoch, counts: log.epoch_rejects(epoch, counts, state.step))
+    null_text = feed.null_text() if cfg.transition.guidance_w_cond and feed.text else None
+    repa = RepaTargets(cfg, feed.decode, device) if RepaTargets.wanted(cfg) else None
     nonfinite_in_a_row = 0
     while state.step < cfg.train.steps:
         faults.before_step(state.step, rank, run_dir)
@@ -165,7 +167,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             samples_log.write(state.step, state.epoch, batch["sample_id"])
         result = train_step(model, optimizer, faults.batch(batch, state.step), cfg, path,
                             step_generator(cfg.train.seed, state.step, rank),
-                            autocast_dtype=autocast_dtype(cfg.train.precision, device), filler=feed.filler)
+                            autocast_dtype=autocast_dtype(cfg.train.precision, device), filler=feed.filler,
+                            ema=ema, null_text=null_text, repa=repa)
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         if nonfinite_in_a_row > cfg.train.max_nonfinite_steps:
             log.finish(state, feed.report(run_dir), outcome="stopped on non-finite steps")

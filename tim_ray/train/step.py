@@ -1,4 +1,4 @@
-"""One optimizer step of TiM training, free of Ray: the worker loop, the overfit test and the benchmarks call it.
+"""One optimizer step of training (any transition.objective), free of Ray: the worker loop, the overfit test and the benchmarks call it.
 
 Every random draw of a step (noise, (t, r), label dropout) comes from the generator it is given, which the loop
 derives from (seed, step, rank); the step itself holds no RNG state.
@@ -9,11 +9,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from tim_ray.config import Config
-from tim_ray.transition.intervals import sample_intervals
-from tim_ray.transition.objective import transition_loss
+from tim_ray.config import Config, ConfigError
+from tim_ray.train.ema import EMAModel, ShardLocalEMA
+from tim_ray.transition.objective import ModelGuidance
+from tim_ray.transition.objectives import get_objective
 from tim_ray.transition.paths import TransitionPath
 
 
@@ -32,6 +33,48 @@ def conditioning(batch: dict, cfg: Config, generator: torch.Generator) -> dict:
     labels = batch["label"]
     drop = torch.rand(labels.shape, generator=generator, device=generator.device) < cfg.data.caption_dropout
     return {"y": torch.where(drop.to(labels.device), torch.full_like(labels, cfg.model.num_classes), labels)}
+
+
+def model_guidance(chunk: dict, cfg: Config, model: nn.Module, ema: ShardLocalEMA | None,
+                   null_text: dict | None) -> ModelGuidance | None:
+    """What the enhanced target needs (docs/math.md §6), None when it is off: the EMA network and its two
+    conditions, the true one (the label before dropout; a text batch's captions, whose dropout happened upstream)
+    and the null one (the null class, or the empty caption's features `null_text`, (1, L, D) and (1, L))."""
+    if cfg.transition.guidance_w_cond == 0:
+        return None
+    if ema is None:
+        raise ValueError("transition.guidance_w_cond ≠ 0 needs the EMA network (ema.enabled)")
+    if cfg.model.conditioning == "text":
+        rows = len(chunk["text"])
+        cond = {"context": chunk["text"], "context_mask": chunk["text_mask"]}
+        uncond = {key: value.expand(rows, *value.shape[1:]) for key, value in null_text.items()}
+    else:
+        labels = chunk["label"]
+        cond, uncond = {"y": labels}, {"y": torch.full_like(labels, cfg.model.num_classes)}
+    return ModelGuidance(model=EMAModel(ema, model), cond=cond, uncond=uncond)
+
+
+class RepaTargets:
+    """REPA's target features of a micro-batch (docs/math.md §8): its images decoded by the codec, through the
+    frozen vision encoder at the network's token grid (latent size / patch size)."""
+
+    def __init__(self, cfg: Config, decode, device: torch.device | str):
+        from tim_ray.models.registry import get_arch
+        from tim_ray.models.vision import load_vision_encoder
+
+        self.encoder = load_vision_encoder(cfg.transition.repa_encoder, device)
+        if self.encoder.dim != cfg.model.repa_dim:
+            raise ConfigError(f"model.repa_dim = {cfg.model.repa_dim} must be the width of transition.repa_encoder "
+                              f"= {cfg.transition.repa_encoder!r}, {self.encoder.dim}")
+        self.decode, self.patch = decode, get_arch(cfg.model.arch).patch_size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.encoder.features(self.decode(x), (x.shape[-2] // self.patch, x.shape[-1] // self.patch))
+
+    @staticmethod
+    def wanted(cfg: Config) -> bool:
+        """REPA is on: a projector (model.repa_dim > 0) and a positive coefficient."""
+        return cfg.model.repa_dim > 0 and cfg.transition.repa_coeff > 0
 
 
 def micro_batches(batch: dict, count: int, filler: dict | None = None) -> list[tuple[dict, float]]:
@@ -55,19 +98,25 @@ def micro_batches(batch: dict, count: int, filler: dict | None = None) -> list[t
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, cfg: Config, path: TransitionPath,
                generator: torch.Generator, autocast_dtype: torch.dtype = torch.float32,
-               filler: dict | None = None) -> StepResult:
+               filler: dict | None = None, ema: ShardLocalEMA | None = None, null_text: dict | None = None,
+               repa: RepaTargets | None = None) -> StepResult:
     """Forward + backward over `train.grad_accum` micro-batches, clip, and step unless anything is non-finite.
-    The loss is the mean over the batch's rows (micro-batch means weighted by their rows); a rank with no rows
-    (all rejected) runs `filler` with weight 0."""
+    The loss is the configured objective's (transition.objective), the mean over the batch's rows (micro-batch
+    means weighted by their rows); a rank with no rows (all rejected) runs `filler` with weight 0. `ema` (and, for
+    text, `null_text`) feed the enhanced target when guidance is on; `repa` gives REPA's target features."""
+    objective = get_objective(cfg.transition.objective)
     optimizer.zero_grad(set_to_none=True)
     parts: dict[str, list[float]] = {}
     for chunk, share in micro_batches(batch, cfg.train.grad_accum, filler):
         x = chunk["image"]
         z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-        times = sample_intervals(len(x), path, cfg.transition, generator, device=x.device)
+        times = objective.draw_times(len(x), path, cfg.transition, generator, device=x.device)
         cond = conditioning(chunk, cfg, generator)
+        guidance = model_guidance(chunk, cfg, model, ema, null_text)
+        repa_target = repa(x) if repa is not None else None
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            out = transition_loss(model, x, z, times.t, times.r, cond, path=path, config=cfg.transition)
+            out = objective.loss(model, x, z, times, cond, path=path, config=cfg.transition, guidance=guidance,
+                                 repa_target=repa_target)
         # Backward even through a non-finite loss: under FSDP every rank must join the gradient reduction, and the
         # NaN it spreads makes the global gradient norm non-finite on every rank, so all ranks skip together.
         (out.loss * share).backward()

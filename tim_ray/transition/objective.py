@@ -44,7 +44,8 @@ def select_rows(cond: dict, rows: Tensor, batch: int) -> dict:
 
 @torch.no_grad()
 def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, cond: dict | None = None, *,
-                        path: TransitionPath, epsilon: float, fp32_forwards: bool = False) -> Tensor:
+                        path: TransitionPath, epsilon: float, fp32_forwards: bool = False,
+                        tangent: Tensor | None = None) -> Tensor:
     """Differential derivation estimate (DDE) of dF/dt along the conditional path, in at least float32:
         dF/dt ≈ [F(x_hi, t_hi, r) - F(x_lo, t_lo, r)] / (t_hi - t_lo),   x_s = interpolate(x, z, s),
         t_hi = min(t + ε, T_max),  t_lo = max(t - ε, r).
@@ -55,6 +56,9 @@ def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
     and the division are taken in at least float32 (spec B2). The forwards run in the caller's autocast unless
     `fp32_forwards`, which switches autocast off for them: bf16 rounding of F dominates the error otherwise
     (~2⁻⁹·|F|/ε), but parameters that FSDP casts to bf16 stay bf16. Rows with r = t get 0.
+    With `tangent` (B, C, H, W) the points lie on the straight line x_s = x_t + (s - t)·tangent instead: the
+    derivative along (tangent, 1, 0), e.g. the guided velocity ṽ (docs/math.md §6, B6). For OT-FM and tangent v
+    that line is the path itself.
     """
     cond = cond or {}
     dtype = working_dtype(x.dtype)
@@ -66,9 +70,15 @@ def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
     cond_rows = select_rows(cond, rows, x.shape[0])
     t_hi = torch.clamp(t_rows + epsilon, max=path.t_max)
     t_lo = torch.maximum(t_rows - epsilon, r_rows)
+    if tangent is None:
+        x_hi, x_lo = path.interpolate(x_rows, z_rows, t_hi), path.interpolate(x_rows, z_rows, t_lo)
+    else:
+        x_t, direction = path.interpolate(x_rows, z_rows, t_rows), tangent[rows]
+        x_hi = x_t + broadcast_time(t_hi - t_rows, x_t) * direction
+        x_lo = x_t + broadcast_time(t_lo - t_rows, x_t) * direction
     with torch.autocast(x.device.type, enabled=False) if fp32_forwards else contextlib.nullcontext():
-        F_hi = model(path.interpolate(x_rows, z_rows, t_hi), t_hi, r_rows, **cond_rows).to(dtype)
-        F_lo = model(path.interpolate(x_rows, z_rows, t_lo), t_lo, r_rows, **cond_rows).to(dtype)
+        F_hi = model(x_hi, t_hi, r_rows, **cond_rows).to(dtype)
+        F_lo = model(x_lo, t_lo, r_rows, **cond_rows).to(dtype)
     width = broadcast_time((t_hi - t_lo).to(dtype), F_hi)
     derivative[rows] = (F_hi - F_lo) / width
     return derivative
@@ -76,8 +86,9 @@ def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
 
 @torch.no_grad()
 def jvp_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, cond: dict | None = None, *,
-                        path: TransitionPath) -> Tensor:
-    """Exact dF/dt = ∂_xF·v + ∂_tF by forward-mode AD: torch.func.jvp(F, (x_t, t, r), (v, 1, 0)).
+                        path: TransitionPath, tangent: Tensor | None = None) -> Tensor:
+    """Exact dF/dt = ∂_xF·v + ∂_tF by forward-mode AD: torch.func.jvp(F, (x_t, t, r), (v, 1, 0)), with
+    `tangent` in place of v when given.
     Only on rows with r ≠ t (0 elsewhere), in the dtype of `x`. Needs a network whose every op has a forward-AD
     rule (math attention; no FSDP hooks): for checks and benchmarks, not for sharded training."""
     cond = cond or {}
@@ -87,7 +98,8 @@ def jvp_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
         return derivative
     x_rows, z_rows, t_rows, r_rows = x[rows], z[rows], t[rows], r[rows]
     cond_rows = select_rows(cond, rows, x.shape[0])
-    x_t, v = path.interpolate(x_rows, z_rows, t_rows), path.velocity(x_rows, z_rows, t_rows)
+    x_t = path.interpolate(x_rows, z_rows, t_rows)
+    v = path.velocity(x_rows, z_rows, t_rows) if tangent is None else tangent[rows].to(x_t.dtype)
 
     def along_path(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
         return model(x_in, t_in, r_in, **cond_rows)
@@ -132,19 +144,28 @@ def transition_target(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, 
     dtype = working_dtype(x.dtype)
     x, z = x.to(dtype), z.to(dtype)
     x_t, v = path.interpolate(x, z, t), path.velocity(x, z, t)
+    v, tangent = target_velocity(v, x_t, t, path=path, config=config, guidance=guidance)
     if config.derivative == "dde":
         dF_dt = dde_time_derivative(model, x, z, t, r, cond, path=path, epsilon=config.dde_epsilon,
-                                    fp32_forwards=config.dde_fp32_forwards)
+                                    fp32_forwards=config.dde_fp32_forwards, tangent=tangent)
     elif config.derivative == "jvp":
-        dF_dt = jvp_time_derivative(model, x, z, t, r, cond, path=path).to(dtype)
+        dF_dt = jvp_time_derivative(model, x, z, t, r, cond, path=path, tangent=tangent).to(dtype)
     else:
         raise ValueError(f"unknown derivative {config.derivative!r}; choose dde or jvp")
-    if config.guidance_w_cond != 0:
-        if guidance is None:
-            raise ValueError("transition.guidance_w_cond ≠ 0 needs a ModelGuidance (EMA model, cond, uncond)")
-        v = enhanced_velocity(v, x_t, t, guidance, w_gt=config.guidance_w_gt, w_cond=config.guidance_w_cond,
-                              window=tuple(config.guidance_window), t_max=path.t_max)
     return path.target(v, x_t, dF_dt, t, r).detach(), dF_dt
+
+
+def target_velocity(v: Tensor, x_t: Tensor, t: Tensor, *, path: TransitionPath, config: TransitionConfig,
+                    guidance: ModelGuidance | None) -> tuple[Tensor, Tensor | None]:
+    """(ṽ, the derivative's tangent or None for the path's own v): ṽ = v unless guidance_w_cond ≠ 0, then the
+    enhanced velocity. The tangent is ṽ only with guidance_tangent = "guided"; the official recipe keeps v (B6)."""
+    if config.guidance_w_cond == 0:
+        return v, None
+    if guidance is None:
+        raise ValueError("transition.guidance_w_cond ≠ 0 needs a ModelGuidance (EMA model, cond, uncond)")
+    guided = enhanced_velocity(v, x_t, t, guidance, w_gt=config.guidance_w_gt, w_cond=config.guidance_w_cond,
+                               window=tuple(config.guidance_window), t_max=path.t_max)
+    return guided, guided if config.guidance_tangent == "guided" else None
 
 
 TIME_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -236,12 +257,25 @@ def transition_loss(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor, co
     F_tgt, dF_dt = transition_target(model, x, z, t, r, cond, path=path, config=config, guidance=guidance)
     dtype = working_dtype(x.dtype)
     x_t = path.interpolate(x.to(dtype), z.to(dtype), t)
-    use_repa = repa_target is not None and config.repa_coeff > 0
-    if use_repa:
+    if repa_on(config, repa_target):
         F_pred, h_proj = model(x_t, t, r, return_repa=True, **cond)
-        repa = repa_loss(h_proj, repa_target)
     else:
-        F_pred, repa = model(x_t, t, r, **cond), x_t.new_zeros(())
+        F_pred, h_proj = model(x_t, t, r, **cond), None
+    return assemble_loss(F_pred, F_tgt, dF_dt, t, r, h_proj, repa_target, path=path, config=config)
+
+
+def repa_on(config: TransitionConfig, repa_target: Tensor | None) -> bool:
+    """The REPA term is on when its target features are given and repa_coeff > 0."""
+    return repa_target is not None and config.repa_coeff > 0
+
+
+def assemble_loss(F_pred: Tensor, F_tgt: Tensor, dF_dt: Tensor, t: Tensor, r: Tensor, h_proj: Tensor | None,
+                  repa_target: Tensor | None, *, path: TransitionPath, config: TransitionConfig) -> TransitionLoss:
+    """The loss and its parts from a prediction (with grad), its detached target and derivative, and the REPA
+    projection `h_proj` (None when REPA is off): mean_i(w_i·a_i·L_i) + repa_coeff·L_repa."""
+    dtype = working_dtype(F_tgt.dtype)
+    use_repa = h_proj is not None
+    repa = repa_loss(h_proj, repa_target) if use_repa else F_tgt.new_zeros(())
     mse, directional = per_sample_losses(F_pred.to(dtype), F_tgt)
     per_sample = mse + directional if config.directional_loss else mse
     weight = time_weight(t, r, kind=config.time_weight, time_map=config.time_weight_map,
