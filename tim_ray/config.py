@@ -75,6 +75,9 @@ class TransitionConfig:
 class DataConfig:
     source: str = "fashion-mnist"  # fashion-mnist | shapes | parquet | webdataset | folder
     path: str = ""  # directory, glob or URI (s3://...) for file sources; empty = the source's default
+    # Seconds an object store (s3://, gs://) or the hub (hf://) may take to connect or answer before the request
+    # fails (S3 tries each request 3 times); without it pyarrow retries an unreachable endpoint for minutes.
+    connect_timeout_s: float = 30.0
     split: str = "train"
     height: int = 32
     width: int = 32
@@ -375,6 +378,7 @@ _RANGES = {
     "transition.repa_coeff": ">= 0",
     "transition.guidance_w_gt": "any finite number",  # the enhanced target's mix; may extrapolate (spec §3.5)
     "transition.guidance_w_cond": "any finite number",
+    "data.connect_timeout_s": "> 0",
     "data.height": "> 0",
     "data.width": "> 0",
     "data.bucket_token_budget": "> 0",

@@ -48,8 +48,8 @@ def open_source(cfg, geometry: Geometry):
     if source is ShapesSource:
         return ShapesSource(d.seed, geometry.sizes, d.max_samples)
     if source is ParquetSource:
-        return ParquetSource(d.path, d.image_column, d.caption_column)
-    return source(d.path)
+        return ParquetSource(d.path, d.image_column, d.caption_column, d.connect_timeout_s)
+    return source(d.path, d.connect_timeout_s)
 
 
 def first_rows(units: list[dict], limit: int) -> list[dict]:

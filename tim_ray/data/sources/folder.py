@@ -39,8 +39,8 @@ def parse_captions_jsonl(data: bytes) -> tuple[dict[str, object], list[dict]]:
 class FolderSource(FileSource):
     name = "folder"
 
-    def __init__(self, path: str):
-        self.files: FileSet = list_files(path, IMAGE_EXTENSIONS + ("txt", "jsonl"))
+    def __init__(self, path: str, timeout_s: float | None = None):
+        self.files: FileSet = list_files(path, IMAGE_EXTENSIONS + ("txt", "jsonl"), timeout_s=timeout_s)
         keys = set(self.files.keys)
         self.images = [k for k in self.files.keys if k.lower().endswith(tuple(f".{e}" for e in IMAGE_EXTENSIONS))]
         self.sidecars = {k for k in keys if k.endswith(".txt")}

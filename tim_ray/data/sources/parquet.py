@@ -42,8 +42,8 @@ def _pick(names: list[str], chosen: str, candidates: tuple[str, ...], what: str,
 class ParquetSource(FileSource):
     name = "parquet"
 
-    def __init__(self, path: str, image_column: str = "", caption_column: str = ""):
-        self.files: FileSet = list_files(path, ("parquet",))
+    def __init__(self, path: str, image_column: str = "", caption_column: str = "", timeout_s: float | None = None):
+        self.files: FileSet = list_files(path, ("parquet",), timeout_s=timeout_s)
         first = self.files.full_path(self.files.keys[0])
         try:
             with self.files.filesystem().open_input_file(first) as handle:

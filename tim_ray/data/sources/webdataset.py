@@ -80,8 +80,8 @@ def _shard_stem(shard: str) -> str:
 class WebDatasetSource(FileSource):
     name = "webdataset"
 
-    def __init__(self, path: str):
-        self.files: FileSet = list_files(path, SHARD_EXTENSIONS, sidecars=(STATS_SUFFIX,))
+    def __init__(self, path: str, timeout_s: float | None = None):
+        self.files: FileSet = list_files(path, SHARD_EXTENSIONS, sidecars=(STATS_SUFFIX,), timeout_s=timeout_s)
 
     def _count(self, shard: str) -> int:
         """Samples in a shard: its img2dataset stats, else a scan of its members (0 if it cannot be read)."""
