@@ -329,6 +329,11 @@ def test_jobs_give_the_driver_time_to_checkpoint_on_a_stop():
     job = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**job)
     assert job["env_vars"] == shipped and int(shipped[JOB_STOP_WAIT_ENV]) >= 60
+    # Deleting a RayJob stops its job and deletes its cluster at once: the head pod, where the driver runs, must
+    # outlive the wait.
+    for where, spec in cluster_specs():
+        grace = spec["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > int(shipped[JOB_STOP_WAIT_ENV]), f"{where}: the head pod dies before the driver's stop wait"
 
 
 # ---------------------------------------------------------------------------------------------------------------
