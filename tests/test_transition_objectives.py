@@ -8,7 +8,8 @@ import torch
 
 from tim_ray.config import ConfigError, TransitionConfig, load_config
 from tim_ray.transition.intervals import sample_intervals
-from tim_ray.transition.objective import transition_loss, transition_target
+from tim_ray.transition.objective import (dde_time_derivative, jvp_time_derivative, transition_loss,
+                                          transition_target)
 from tim_ray.transition.objectives import OBJECTIVES, get_objective
 from tim_ray.transition.objectives.meanflow import jvp_loss
 from tim_ray.transition.paths import OTFMPath
@@ -116,6 +117,22 @@ def test_meanflow_dde_against_jvp_on_the_gaussian(gaussian, gen):
     dde_loss = get_objective("meanflow").loss(gaussian, x, z, draws_for(t, r), {}, path=PATH,
                                               config=config(objective="meanflow", adaptive_weight=False))
     torch.testing.assert_close(dde_loss.loss, exact_meanflow_mse(gaussian, x, z, t, r).mean(), rtol=1e-4, atol=0)
+
+
+def test_guided_tangent_moves_the_derivative_along_the_given_direction(gen):
+    """guidance_tangent = "guided" (B6): DDE and JVP along (ṽ, 1, 0); with ṽ = v it is the path's own derivative."""
+    net = SmoothNet(SHAPE)
+    x, z = (torch.randn(8, *SHAPE, generator=gen, dtype=DTYPE) for _ in range(2))
+    t = 0.2 + 0.7 * torch.rand(8, generator=gen, dtype=DTYPE)
+    r = 0.5 * t
+    v, other = PATH.velocity(x, z, t), torch.randn(8, *SHAPE, generator=gen, dtype=DTYPE)
+    args = (net, x, z, t, r)
+    torch.testing.assert_close(dde_time_derivative(*args, path=PATH, epsilon=1e-3, tangent=v),
+                               dde_time_derivative(*args, path=PATH, epsilon=1e-3), rtol=0, atol=1e-10)
+    along = jvp_time_derivative(*args, path=PATH, tangent=other)
+    assert (along - jvp_time_derivative(*args, path=PATH)).abs().max() > 1e-3
+    torch.testing.assert_close(dde_time_derivative(*args, path=PATH, epsilon=1e-3, tangent=other), along,
+                               rtol=0, atol=1e-5)
 
 
 def draws_for(t, r):
