@@ -1,4 +1,4 @@
-"""Issue 8: TiM vs a flow-matching baseline at equal training compute (docs/results.md).
+"""Issues 8 and 18: TiM vs flow matching, model guidance and MeanFlow at equal training compute (docs/results.md).
 
 The models are trained with `tim-ray train` and scored with `tim-ray eval`; this script only drives the evals,
 computes the noise floors, and turns the eval.json files into tables and plots.
@@ -7,9 +7,12 @@ computes the noise floors, and turns the eval.json files into tables and plots.
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py floor                # real-vs-real FID/KID/agreement
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py report               # tables (stdout) + docs/img plots
     .venv/bin/python benchmarks/experiment_tim_vs_fm.py check-fm-consistency # the FM's consistency with r := t
+    .venv/bin/python benchmarks/experiment_tim_vs_fm.py compute              # each config's forwards per step
 
-RUN is a config name in configs/experiments/ (fmnist_tim, fmnist_fm, shapes_tim, shapes_fm); its run directory
-is /tmp/exp/RUN (train.output_dir of those configs) and its evals go to /tmp/exp/eval/RUN/seed<k>/.
+RUN is a config name in configs/experiments/ (<dataset>_<objective> for dataset fmnist or shapes and objective
+tim, tim_mg, fm or meanflow); its run directory is /tmp/exp/RUN (train.output_dir of those configs) and its evals
+go to /tmp/exp/eval/RUN/seed<k>/. Each config's steps give every run the same forward-equivalents
+(transition.objectives' forwards_per_row x steps; `compute` prints them); the measured step cost decides.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ SAMPLES = 256
 METRICS = {"fmnist": ["fid", "kid", "class_agreement", "consistency"], "shapes": ["shapes"]}
 HEADLINE = {"fmnist": ["fid", "class_agreement"], "shapes": ["shapes"]}
 LOWER_IS_BETTER = {"fid", "kid", "consistency"}
+RUNS = {"TiM": "tim", "TiM+MG": "tim_mg", "FM": "fm", "MeanFlow": "meanflow"}  # label -> config suffix
+STYLES = ["o-", "^-", "s--", "d:"]
 
 
 def eval_command(run: str, seed: int, ema: bool = False) -> list[str]:
@@ -107,15 +112,16 @@ def cmd_report() -> None:
     import matplotlib.pyplot as plt
 
     for dataset in ("fmnist", "shapes"):
-        runs = {"TiM": load_results(f"{dataset}_tim"), "FM": load_results(f"{dataset}_fm")}
-        if not all(runs.values()):
+        runs = {name: load_results(f"{dataset}_{suffix}") for name, suffix in RUNS.items()}
+        runs = {name: results for name, results in runs.items() if results}
+        if "TiM" not in runs or len(runs) < 2:
             print(f"{dataset}: evals missing")
             continue
         per_nfe = [m for m in METRICS[dataset] if m != "consistency"]
-        print(f"\n## {dataset} (seeds {[r['seed'] for r in runs['TiM']]} / {[r['seed'] for r in runs['FM']]}, "
-              f"{runs['TiM'][0]['num_samples']} samples per NFE)")
-        print("| NFE | " + " | ".join(f"{m} TiM | {m} FM" for m in per_nfe) + " |")
-        print("|---|" + "---|---|" * len(per_nfe))
+        print(f"\n## {dataset} (seeds " + " / ".join(f"{name} {[r['seed'] for r in res]}" for name, res in runs.items())
+              + f", {runs['TiM'][0]['num_samples']} samples per NFE)")
+        print("| NFE | " + " | ".join(f"{m} {name}" for m in per_nfe for name in runs) + " |")
+        print("|---|" + "---|" * len(per_nfe) * len(runs))
         stats = {(name, m): summary(res, m) for name, res in runs.items() for m in per_nfe}
         for i, n in enumerate(NFE):
             cells = []
@@ -127,11 +133,11 @@ def cmd_report() -> None:
             print(f"| {n} | " + " | ".join(cells) + " |")
         if dataset == "shapes":
             categories = sorted(k for k in runs["TiM"][0]["by_nfe"]["1"] if k.startswith("shapes."))
-            print("\nper category (mean over seeds), TiM / FM:")
+            print(f"\nper category (mean over seeds), {' / '.join(runs)}:")
             print("| NFE | " + " | ".join(c.split(".", 1)[1] for c in categories) + " |")
             print("|---|" + "---|" * len(categories))
             for n in NFE:
-                cells = [f"{summary(runs['TiM'], c)[0][NFE.index(n)]:.2f} / {summary(runs['FM'], c)[0][NFE.index(n)]:.2f}"
+                cells = [" / ".join(f"{summary(res, c)[0][NFE.index(n)]:.2f}" for res in runs.values())
                          for c in categories]
                 print(f"| {n} | " + " | ".join(cells) + " |")
         for name, res in runs.items():
@@ -143,7 +149,7 @@ def cmd_report() -> None:
         fig, axes = plt.subplots(1, len(headline), figsize=(4.6 * len(headline), 3.6), squeeze=False)
         floor = json.loads((EXP / "floor.json").read_text()) if (EXP / "floor.json").is_file() else None
         for ax, m in zip(axes[0], headline):
-            for name, style in (("TiM", "o-"), ("FM", "s--")):
+            for name, style in zip(runs, STYLES):
                 mean, std = stats[(name, m)]
                 ax.errorbar(NFE, mean, yerr=std, fmt=style, capsize=3, label=name)
             if dataset == "fmnist" and floor and m in floor:
@@ -153,7 +159,7 @@ def cmd_report() -> None:
             ax.set_xlabel("sampling steps (NFE before CFG doubling)")
             ax.set_title(f"{m} ({'lower' if m in LOWER_IS_BETTER else 'higher'} is better)")
             ax.legend()
-        fig.suptitle(f"{dataset}: TiM vs flow matching at equal training compute "
+        fig.suptitle(f"{dataset}: {', '.join(runs)} at equal training compute "
                      f"(mean ± std over {len(runs['TiM'])} eval seeds)", fontsize=9)
         fig.tight_layout()
         out = ROOT / "docs" / "img" / f"results_{dataset}.png"
@@ -189,9 +195,21 @@ def cmd_check_fm_consistency() -> None:
             print(f"{run} seed {seed}: consistency with F(x,t,r) {native:.4f}; with F(x,t,t) (Euler jumps) {euler:.4f}")
 
 
+def cmd_compute() -> None:
+    """Forward-equivalents per row of a step (docs/math.md §7) and in the whole run, per experiment config."""
+    from tim_ray.config import load_config
+    from tim_ray.transition.objectives import get_objective
+
+    for path in sorted((ROOT / "configs" / "experiments").glob("*.toml")):
+        cfg = load_config(path)
+        per_row = get_objective(cfg.transition.objective).forwards_per_row(cfg.transition)
+        print(f"{path.stem}: {cfg.transition.objective}, {per_row:g} forwards per row x {cfg.train.steps} steps = "
+              f"{per_row * cfg.train.steps:g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["eval", "floor", "report", "check-fm-consistency"])
+    parser.add_argument("command", choices=["eval", "floor", "report", "check-fm-consistency", "compute"])
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--ema", action="store_true", help="eval: the EMA weights (default: the trained weights)")
@@ -202,6 +220,8 @@ def main() -> None:
         cmd_floor()
     elif args.command == "report":
         cmd_report()
+    elif args.command == "compute":
+        cmd_compute()
     else:
         cmd_check_fm_consistency()
     sys.stdout.flush()
