@@ -1,4 +1,4 @@
-"""How accurate is the DDE time derivative under bf16 autocast? (docs/decisions.md, spec §9 B2)
+"""How accurate is the DDE time derivative under bf16 autocast? (docs/decisions.md, docs/math.md B2)
 
     python benchmarks/dde_precision.py [--arch tim-s] [--device cpu|cuda] [--batch 32]
 

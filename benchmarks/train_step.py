@@ -92,7 +92,7 @@ def tim_vs_fm(repeats: int, device: torch.device) -> None:
     print("\n[1] TiM step vs flow-matching step, tim-s, batch 64, 1x32x32, text conditioning")
     for name, seconds in medians.items():
         print(f"  {name:28s} {seconds * 1e3:8.1f} ms")
-    print(f"  ratio TiM / FM: {tim / fm:.2f}x  (spec §3.10 expects ~1.33x; target <= 1.4x)")
+    print(f"  ratio TiM / FM: {tim / fm:.2f}x  (docs/math.md §7 counts 4/3; target <= 1.4x)")
 
 
 def _derivative_setup(device: torch.device, seed: int = 0):

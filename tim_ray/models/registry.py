@@ -1,6 +1,6 @@
 """Named TiM sizes and the one builder the trainer, sampler and exporter call.
 
-Paper sizes (spec §4; exact parameter counts in spec §10-O7, checked by tests/test_models_tim.py):
+Paper sizes (docs/math.md §11; exact parameter counts checked by tests/test_models_tim.py):
   B/4       c2i, SD-VAE latents 4×32×32, 1000 classes
   XL/2      c2i, SD-VAE latents 4×32×32, 1000 classes
   XL/1      c2i, DC-AE latents 32×16×16, 1000 classes

@@ -1,11 +1,11 @@
-"""2D rotary position embedding (RoPE) for the image tokens of TiM (spec §4).
+"""2D rotary position embedding (RoPE) for the image tokens of TiM (docs/math.md §11).
 
 The head dim is split in two halves, one per grid axis. Within a half of width d, pair i of the interleaved
 pairs (2i, 2i+1) rotates by the angle `pos · 10000^(-2i/d)`. The first half takes the column position and the
 second half the row position; that is what the official model does on square grids, so square-trained
 checkpoints behave identically under either grid mapping.
 
-Grid mappings (spec §9-B1), for a grid of h rows and w columns with tokens in row-major order n = row·w + col:
+Grid mappings (docs/math.md B1), for a grid of h rows and w columns with tokens in row-major order n = row·w + col:
 - `row_col`: token n gets (col, row), the positions of its place in the image.
 - `official`: token n gets (n mod h, n div h), which equals (col, row) only when h == w. The released
   multi-aspect text-to-image checkpoint was trained with this mapping, so loading it needs this flag.

@@ -1,4 +1,4 @@
-"""The Transition Model network (TiM, arXiv 2509.04394, spec §4): a DiT-style transformer F(x_t, t, r, cond).
+"""The Transition Model network (TiM, arXiv 2509.04394, docs/math.md §11): a DiT-style transformer F(x_t, t, r, cond).
 
 Reading order: small layers, the embedders of the inputs, the two attentions, the block, the final layer, the
 model. Module and parameter names follow the official implementation (x_embedder, t_embedder, delta_embedder,
@@ -64,7 +64,7 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """MLP of a 256-d sinusoid [cos(t·f), sin(t·f)], f_i = 10000^(-i/128), on the raw t ∈ [0, 1].
 
-    The raw scale matters (spec §12): with 1000·t the fastest sinusoid turns ~5 rad between DDE's t ± 0.005
+    The raw scale matters (docs/math.md §3): with 1000·t the fastest sinusoid turns ~5 rad between DDE's t ± 0.005
     evaluations, the finite difference becomes noise and training diverges.
     """
 
@@ -219,7 +219,7 @@ def repa_projector(hidden_size: int, projector_dim: int, repa_dim: int) -> nn.Se
 
 
 class TiM(nn.Module):
-    """F_θ(x_t, t, r, cond): the average velocity over [r, t], same shape as x_t (spec §2).
+    """F_θ(x_t, t, r, cond): the average velocity over [r, t], same shape as x_t (docs/math.md §2).
 
     `attention` is a plain attribute ("auto" | "flash" | "sdpa" | "math") read on every call, so a caller may
     switch to "math" for torch.func.jvp. `blocks` is an nn.ModuleList: the unit that FSDP2 shards.

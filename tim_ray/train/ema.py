@@ -13,7 +13,7 @@ from torch import nn
 
 
 class ShardLocalEMA:
-    """θ_ema ← decay·θ_ema + (1 - decay)·θ after each optimizer step (spec §3.9); initialised as a copy of θ."""
+    """θ_ema ← decay·θ_ema + (1 - decay)·θ after each optimizer step (docs/math.md §9); starts as a copy of θ."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay

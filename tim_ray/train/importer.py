@@ -31,11 +31,12 @@ DOWNSAMPLE = {"dc-ae": 32, "sd-vae": 8}  # image pixels per latent pixel, by the
 
 COMPAT = {
     "model.rope_grid": ("official", "the released network was trained with the official RoPE grid, which swaps "
-                        "rows and columns on non-square grids (spec B1); row_col changes its outputs off the square"),
-    "model.cross_attention_mask": (False, "the official network attends to padded caption tokens too (spec B9); "
-                                   "masking them changes a text model's outputs"),
-    "sample.guide_first_step": (False, "the official sampler never guides at t = 1 (a strict CFG interval, spec "
-                                "B3); true changes 1-step samples whenever cfg > 1"),
+                        "rows and columns on non-square grids (docs/math.md B1); row_col changes its outputs off "
+                        "the square"),
+    "model.cross_attention_mask": (False, "the official network attends to padded caption tokens too "
+                                   "(docs/math.md B9); masking them changes a text model's outputs"),
+    "sample.guide_first_step": (False, "the official sampler never guides at t = 1 (a strict CFG interval, "
+                                "docs/math.md B3); true changes 1-step samples whenever cfg > 1"),
 }
 HEADER = ("# Written by `tim-ray import` from {source} ({weights} weights).\n"
           "# The network, its codec and text encoder, and the sampling keys come from the release; [data] and "

@@ -1,4 +1,5 @@
-"""One optimizer step of training (any transition.objective), free of Ray: the worker loop, the overfit test and the benchmarks call it.
+"""One optimizer step of any transition.objective, free of Ray: the worker loop, the overfit test and benchmarks
+call it.
 
 Every random draw of a step (noise, (t, r), label dropout) comes from the generator it is given, which the loop
 derives from (seed, step, rank); the step itself holds no RNG state.
@@ -144,6 +145,6 @@ def _full(norm: torch.Tensor) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
-    """AdamW over all parameters, nothing excluded from decay (spec §3.9)."""
+    """AdamW over all parameters, nothing excluded from decay (docs/math.md §9)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
                              weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)

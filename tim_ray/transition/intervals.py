@@ -1,4 +1,4 @@
-"""(t, r) samplers for the transition objective (spec §3.1), behind a registry keyed by `transition.interval_sampler`.
+"""(t, r) samplers (docs/math.md §4), behind a registry keyed by `transition.interval_sampler`.
 
 Every sampler returns pairs with T_min ≤ r ≤ t ≤ T_max. Then `assign_row_types` turns rows into three kinds:
     diffusion   r = t       the first round(diffusion_ratio·B) rows      (plain flow matching)

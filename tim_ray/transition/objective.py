@@ -1,4 +1,4 @@
-"""The transition training objective (spec §3.4-3.8), one call per micro-batch.
+"""The transition training objective (docs/math.md §3, §6, §8-9), one call per micro-batch.
 
     x_t = interpolate(x, z, t),  v = velocity(x, z, t)
     dF/dt  total derivative of the online network along the conditional path, tangent (v, 1, 0), no grad,
@@ -49,11 +49,11 @@ def dde_time_derivative(model: Model, x: Tensor, z: Tensor, t: Tensor, r: Tensor
     """Differential derivation estimate (DDE) of dF/dt along the conditional path, in at least float32:
         dF/dt ≈ [F(x_hi, t_hi, r) - F(x_lo, t_lo, r)] / (t_hi - t_lo),   x_s = interpolate(x, z, s),
         t_hi = min(t + ε, T_max),  t_lo = max(t - ε, r).
-    This is the central difference (error O(ε²)) wherever t - ε ≥ r and t + ε ≤ T_max. Closer to r (spec B8) the
+    This is the central difference (error O(ε²)) wherever t - ε ≥ r and t + ε ≤ T_max. Closer to r (B8) the
     lower point stops at r, so the network never sees r > t; the quotient is then first-order, and its error enters
     the target multiplied by t - r < ε. Likewise the upper point never passes T_max.
     Two no-grad forwards of `model` itself (pass the FSDP-wrapped module), only on rows with r ≠ t. The difference
-    and the division are taken in at least float32 (spec B2). The forwards run in the caller's autocast unless
+    and the division are taken in at least float32 (docs/math.md B2). The forwards run in the caller's autocast unless
     `fp32_forwards`, which switches autocast off for them: bf16 rounding of F dominates the error otherwise
     (~2⁻⁹·|F|/ε), but parameters that FSDP casts to bf16 stay bf16. Rows with r = t get 0.
     With `tangent` (B, C, H, W) the points lie on the straight line x_s = x_t + (s - t)·tangent instead: the
@@ -121,7 +121,7 @@ class ModelGuidance:
 @torch.no_grad()
 def enhanced_velocity(v: Tensor, x_t: Tensor, t: Tensor, guidance: ModelGuidance, *, w_gt: float, w_cond: float,
                       window: tuple[float, float], t_max: float) -> Tensor:
-    """The enhanced ("model guidance") velocity of spec §3.5, on rows with lo·T_max ≤ t ≤ hi·T_max (r is not read):
+    """The enhanced ("model guidance") velocity (docs/math.md §6) on rows with lo·T_max ≤ t ≤ hi·T_max (r is not read):
         ṽ = w_gt·v + w_cond·F_ema(x_t, t, t | c) + (1 - w_gt - w_cond)·F_ema(x_t, t, t | ∅),
     and ṽ = v on the other rows. The EMA network is queried with r = t (its instantaneous velocity). It runs on the
     whole batch, so every rank makes the same calls whatever its t (a sharded EMA needs that); the uncond forward
@@ -226,14 +226,14 @@ class TransitionLoss:
     (of L_i, without weights) are NaN when the batch has no row of that type; check only `loss` for non-finite."""
 
     loss: Tensor
-    mse: Tensor  # mean_i mse_i: the raw "denoising" MSE, the curve to watch (the weighted loss ≈ mean w, spec B10)
+    mse: Tensor  # mean_i mse_i: the raw "denoising" MSE, the curve to watch (weighted loss ≈ mean w: B10)
     directional: Tensor  # mean_i directional_i (computed, and logged, even when not in the loss)
     diffusion: Tensor  # mean L_i over rows with r = t
     transition: Tensor  # mean L_i over rows with T_min < r < t
     consistency: Tensor  # mean L_i over rows with r = T_min < t
     repa: Tensor  # the REPA term before its coefficient; 0 when off
     mean_weight: Tensor  # mean_i w_i (time weight only)
-    derivative_rms: Tensor  # rms of dF/dt over rows with r ≠ t: a blow-up here means the DDE is noise (spec §12)
+    derivative_rms: Tensor  # rms of dF/dt over rows with r ≠ t: a blow-up: the DDE is noise (docs/math.md §3)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Every field as a float, with a single device sync: for the logger."""

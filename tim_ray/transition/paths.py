@@ -1,4 +1,4 @@
-"""Probability paths and the transition map of a Transition Model (spec §1-2).
+"""Probability paths and the transition map of a Transition Model (docs/math.md §1-2).
 
 A path interpolates between data `x` (at t = T_min = 0) and Gaussian noise `z` (at t = T_max):
     x_t = α_t·x + σ_t·z,        v = dx_t/dt = α̇_t·x + σ̇_t·z    (the conditional velocity).
@@ -52,7 +52,7 @@ class TransitionPath(ABC):
 
     @abstractmethod
     def target(self, v: Tensor, x_t: Tensor, dF_dt: Tensor, t: Tensor, r: Tensor) -> Tensor:
-        """The training target F_tgt built from the velocity `v` and the total derivative dF/dt (spec §3.5)."""
+        """The training target F_tgt built from the velocity `v` and the total derivative dF/dt (docs/math.md §3)."""
 
     def interpolate(self, x: Tensor, z: Tensor, t: Tensor) -> Tensor:
         """x_t = α_t·x + σ_t·z."""
@@ -66,7 +66,7 @@ class TransitionPath(ABC):
 
     def stochastic_transition(self, x_t: Tensor, F: Tensor, t: Tensor, r: Tensor, ratio: float,
                               noise: Tensor) -> Tensor:
-        """A transition with injected noise; only OT-FM defines one (spec §2)."""
+        """A transition with injected noise; only OT-FM defines one (docs/math.md §2)."""
         raise NotImplementedError(f"the {self.name} path has no stochastic transition; use stochasticity 0")
 
 

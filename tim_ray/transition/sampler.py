@@ -1,4 +1,4 @@
-"""Any-step sampling of a transition model (spec §6).
+"""Any-step sampling of a transition model (docs/math.md §10).
 
     grid = linspace(T_max, T_min, N + 1);  x_{T_max} = noise
     for each step (t, t_next):
@@ -7,7 +7,7 @@
         x = transition(x, F, t, t_next), or the stochastic transition when s > 0, t < T_max and t_next > T_min
 CFG is active when w ≠ 1 and lo·T_max < t < hi·T_max, and then an uncond is required. `guide_first_step=True`
 (our default) closes the upper end (t ≤ hi·T_max), so a 1-step sample is guided. False is the official strict
-interval, which never guides t = T_max (spec B3).
+interval, which never guides t = T_max (docs/math.md B3).
 
 NFE counts network evaluations per sample: a batched cond+uncond forward counts 2 (the usual convention; one step
 costs as much as two unguided ones). `forward_calls` counts calls of `model`.
@@ -100,7 +100,7 @@ def sample(model: Model, noise: Tensor, cond: dict | None = None, uncond: dict |
         guided = cfg_active(t, path.t_max, cfg_scale, cfg_interval, guide_first_step)
         F, cost = guided_prediction(model, x.to(model_dtype), t_in, r_in, cond, uncond, cfg_scale, guided)
         nfe, calls = nfe + cost, calls + 1
-        # No noise is injected on the first step (t = T_max) nor the last (t_next = T_min), as in spec §6.
+        # No noise is injected on the first step (t = T_max) nor the last (t_next = T_min), as in docs/math.md §10.
         noisy = stochasticity > 0 and t < path.t_max and t_next > path.t_min
         x = _advance(path, x, F.to(state_dtype), t, t_next, stochasticity if noisy else 0.0, generator)
     return SampleOutput(x=x, nfe=nfe, forward_calls=calls)
