@@ -55,6 +55,8 @@ class Geometry:
         return len(self.sizes) > 1
 
     def bucket_of(self, height: int, width: int) -> int:
+        if not self.bucketed:
+            return 0
         aspect = math.log(height / width)
         return min(range(len(self.sizes)), key=lambda b: abs(math.log(self.sizes[b][0] / self.sizes[b][1]) - aspect))
 
