@@ -137,7 +137,7 @@ def stored_tensor_shapes(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...
 # Loading
 
 
-def _model_for(cfg: Config, shapes: dict[str, tuple[int, ...]], where: Path, device) -> torch.nn.Module:
+def model_for_shapes(cfg: Config, shapes: dict[str, tuple[int, ...]], where: Path, device) -> torch.nn.Module:
     """The config's architecture with the input channels and text width that the stored tensors have (so no data
     or text encoder has to be opened to find them)."""
     if PATCH_WEIGHT not in shapes:
@@ -153,11 +153,11 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 
 
-def fit_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where, optional: tuple[str, ...] = ()
-                   ) -> None:
-    """Load `tensors` into `model`, every key and shape exactly, except that parameters under an `optional` prefix
-    may be absent (they keep their initialisation). Else ExportError, one line naming the missing and unexpected
-    keys and the shape mismatches (torch's own message starts with a line that names none of them)."""
+def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where, optional: tuple[str, ...] = ()
+                     ) -> None:
+    """ExportError, one line naming the missing and unexpected keys and the shape mismatches, unless `tensors` has
+    every key of `model` (those under an `optional` prefix may be absent) at its shape and no other. `model` may
+    live on the meta device. (torch's own message starts with a line that names none of them.)"""
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors and not k.startswith(optional)]
     unexpected = [k for k in tensors if k not in expected]
@@ -168,6 +168,13 @@ def fit_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], whe
     if problems:
         raise ExportError(f"{where} does not fit the model ({model.__class__.__name__} of its config): "
                           f"{'; '.join(problems)}")
+
+
+def fit_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where, optional: tuple[str, ...] = ()
+                   ) -> None:
+    """Load `tensors` into `model` after check_state_dict; parameters under an `optional` prefix that `tensors`
+    lacks keep their initialisation."""
+    check_state_dict(model, tensors, where, optional)
     model.load_state_dict(tensors, strict=not optional)
 
 
@@ -183,7 +190,7 @@ def _load_checkpoint(directory: Path, ema: bool | None, device) -> InferenceMode
     cfg = from_dict(saved, source=f"{directory / STATE_FILE}")
     shapes = stored_tensor_shapes(directory)
     weights = _pick(ema, bool(shapes[EMA]), directory)
-    model = _model_for(cfg, shapes[weights], directory, "cpu")
+    model = model_for_shapes(cfg, shapes[weights], directory, "cpu")
     with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_weights(str(directory), model, use_ema=weights == EMA)  # CheckpointError (exit 1) if it fails
@@ -214,7 +221,7 @@ def _load_export(directory: Path, ema: bool | None, device) -> InferenceModel:
         tensors = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError) as exc:
         raise ExportError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from None
-    model = _model_for(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, directory, "cpu")
+    model = model_for_shapes(cfg, {k: tuple(v.shape) for k, v in tensors.items()}, directory, "cpu")
     fit_state_dict(model, tensors, directory / WEIGHTS_FILE)
     try:
         state = TrainState(**info.get("state", {}))
