@@ -4,6 +4,7 @@ One coarse run (a Ray Train start costs tens of seconds here); the assertions re
 the MLflow run through the client, the checkpoint on disk, the sample grid.
 """
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -51,9 +52,11 @@ def mlflow_server(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def test_two_fsdp_workers_train_checkpoint_and_log_to_mlflow(tmp_path, mlflow_server):
+def test_two_fsdp_workers_train_checkpoint_and_log_to_mlflow(tmp_path, mlflow_server, capfd, monkeypatch):
     import ray
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the workers inherit it: a run of seconds
 
     cfg = load_config(None, [
         "model.arch=tim-tiny", "model.conditioning=class", "data.source=fashion-mnist", "data.max_samples=256",
@@ -64,6 +67,20 @@ def test_two_fsdp_workers_train_checkpoint_and_log_to_mlflow(tmp_path, mlflow_se
         assert launch(cfg) == 0
     finally:
         ray.shutdown()
+
+    # What a person reads (stdout is no terminal here, as in a job's log): a progress line per train.log_every,
+    # the summary with the server's page, and none of Ray's or MLflow's own output.
+    out, err = capfd.readouterr()
+    assert re.search(r"\[tim-ray\] step 2/4 \(50%\)  [\d.]+ img/s  ETA \w+  loss [\d.]+", out), out
+    assert re.search(r"\[tim-ray\] step 4/4 \(100%\) .* ETA 0s  loss ", out), out
+    run_id = (tmp_path / "ray-it" / "mlflow_run_id").read_text().strip()
+    assert re.search(rf"  steps: +0 -> 4 of 4 in \w+, [\d.]+ images/s\n  final loss: +[\d.]+\n", out), out
+    assert f"  browse:        open {mlflow_server}/#/experiments/" in out and f"/runs/{run_id}\n" in out
+    # Ray prints what its raylets push to the driver's error channel (here: "8 PYTHON worker processes have been
+    # started", the oversubscribed local Ray) whatever log_to_driver says, and has no switch for it.
+    shown = "".join(line for line in (out + err).splitlines(keepends=True) if "(raylet)" not in line)
+    for noise in ("core_worker", "(pid=", "(RayTrainWorker", " INFO ", "WARNING", "Loading weights"):
+        assert noise not in shown, f"{noise!r} in the output:\n{shown}"
 
     run_dir = tmp_path / "ray-it"
     checkpoint = run_dir / "checkpoint_00000004"
@@ -78,6 +95,8 @@ def test_two_fsdp_workers_train_checkpoint_and_log_to_mlflow(tmp_path, mlflow_se
     assert [m.step for m in mse] == [2, 4] and all(math.isfinite(m.value) for m in mse)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "images"} <= artifacts
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert run.data.tags["tim_ray.version"] and run.data.tags["mlflow.source.git.commit"]
 
     # Both ranks' shards moved away from the (seeded, identical) initialisation: FSDP2 shards dim 0 in halves.
     torch.manual_seed(cfg.train.seed)

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tim_ray import version
 from tim_ray.config import ConfigError, Derived, dump_toml, load_config
 from tim_ray.train.checksums import CheckpointError
 
@@ -80,7 +81,7 @@ def cmd_train(args) -> int:
         print(describe_plan(cfg, resolve_resume(cfg, args.resume), args.address))
         return 0
     return launch(cfg, address=args.address, resume=args.resume, init_from=args.init_from,
-                  init_ema=False if args.init_no_ema else None)
+                  init_ema=False if args.init_no_ema else None, verbose=args.verbose)
 
 
 def cmd_precompute(args) -> int:
@@ -306,21 +307,12 @@ def _add_tune_parser(sub) -> None:
     p.set_defaults(run=cmd_tune)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tim-ray")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tim-ray",
         description="Train Transition Models (TiM) on Ray: any-step text-to-image generation.",
     )
-    parser.add_argument("--version", action="version", version=f"tim-ray {_version()}")
+    parser.add_argument("--version", action="version", version=f"tim-ray {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a TiM (default: the built-in CPU quickstart)")
@@ -337,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at step 0: fine-tuning")
     p.add_argument("--init-no-ema", action="store_true",
                    help="with --init-from: take the trained weights even when EMA weights exist")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output (its workers' logs, Ray Data's progress, INFO lines); by default "
+                        "it stays in Ray's log files and tim-ray prints its own lines only")
     p.set_defaults(run=cmd_train)
 
     _add_import_parser(sub)

@@ -4,13 +4,23 @@ The driver creates the run (so its id can be printed and handed to the workers);
 metrics and images into it by id. The default tracking URI is an *absolute* sqlite file in the run directory,
 because Ray Train workers run in another working directory (a relative `sqlite:///mlflow.db` would land there).
 With a tracking server URI (`tracking.uri = "http://..."`) the same code logs to the server.
+
+A run directory is relocatable: the default store's artifacts live in the run directory too (`mlartifacts/`), and
+MLflow records their location as an absolute URI, so a copied or moved run directory's store is re-pointed at its
+own `mlartifacts/` when it is opened (`adopt_local_store`); the copy never writes into the original.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import subprocess
+from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+from tim_ray import version
 from tim_ray.config import Config, to_dict
 
 log = logging.getLogger("tim_ray")
@@ -18,10 +28,76 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 SQLITE_FILE = "mlflow.db"  # the default store's file in a run directory
 RUN_ID_FILE = "mlflow_run_id"  # the id of a run directory's (latest) MLflow run
 RESTARTED_FROM_TAG = "tim_ray.restarted_from"  # on a launch's run: the run id of the launch before it
+ARTIFACTS_DIR = "mlartifacts"  # the default store's artifact root in a run directory
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+# Where an MLflow store records artifact locations (MLflow 3.x schema): what `adopt_local_store` re-points.
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
 
 
 def tracking_uri(cfg: Config, run_dir: str | Path) -> str:
     return cfg.tracking.uri or f"sqlite:///{Path(run_dir).resolve() / SQLITE_FILE}"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def browse_hint(uri: str, run_id: str | None = None, experiment_id: str | None = None) -> str:
+    """How a person opens the run: a tracking server's page (run_id and experiment_id given: the run's own page),
+    or the `mlflow ui` command that serves a local store (`mlflow ui --backend-store-uri http://...` fails)."""
+    if is_server(uri):
+        page = f"/#/experiments/{experiment_id}/runs/{run_id}" if run_id and experiment_id else ""
+        return f"open {uri.rstrip('/')}{page}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def source_tags() -> dict[str, str]:
+    """The code a run ran: tim-ray's version and, when tim-ray runs from a git checkout, its commit (and whether
+    the checkout had uncommitted changes, which the commit then does not describe)."""
+    tags = {"tim_ray.version": version()}
+    checkout = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git, or a hung filesystem
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+        tags["tim_ray.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    return tags
+
+
+def adopt_local_store(run_dir: str | Path) -> str | None:
+    """Re-point the default store of `run_dir` at `run_dir/mlartifacts` when it was made in another directory (the
+    run directory was copied or moved): MLflow keeps absolute artifact URIs, and has no API to change them, so the
+    locations are rewritten in its database. Returns the directory the store was made in, or None if it is this
+    one (or there is no store yet)."""
+    db = Path(run_dir) / SQLITE_FILE
+    if not db.is_file():
+        return None
+    here = (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri()
+    with closing(sqlite3.connect(db)) as conn, conn:  # the outer closes, the inner commits
+        recorded = [row[0] for row in conn.execute("SELECT artifact_location FROM experiments")]
+        foreign = {loc for loc in recorded if loc.endswith(f"/{ARTIFACTS_DIR}") and loc != here}
+        for old in foreign:
+            for table, column in _LOCATION_COLUMNS:
+                conn.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                             f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                             (here, len(old) + 1, old, len(old) + 1, old + "/"))
+    return str(Path(url2pathname(urlparse(min(foreign)).path)).parent) if foreign else None
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own INFO lines ("Creating initial MLflow database tables...") off; warnings stay."""
+    import mlflow  # noqa: F401  its import configures its loggers, which would reset a level set before it
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -105,6 +181,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(cfg, run_dir)
+        if not cfg.tracking.uri:
+            adopt_local_store(run_dir)
         client = MlflowClient(tracking_uri=uri)
         if existing_run_id:
             client.update_run(existing_run_id, status="RUNNING")
@@ -112,11 +190,11 @@ class Tracker:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
             # With the default per-run sqlite store, artifacts live beside it; a server chooses its own location.
-            artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if not cfg.tracking.uri else None
+            artifacts = (Path(run_dir).resolve() / ARTIFACTS_DIR).as_uri() if not cfg.tracking.uri else None
             experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        tags = {**(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
+        tags = {**source_tags(), **(tags or {}), **({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})}
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         tracker = cls(uri, run.info.run_id)
         tracker.log_config(cfg)
@@ -193,6 +271,27 @@ class Tracker:
         children = self._client.search_runs([experiment_id],
                                             filter_string=f"tags.`{PARENT_RUN_TAG}` = '{self.run_id}'")
         return {run.info.run_name: run.info.run_id for run in children}
+
+    def browse_hint(self) -> str:
+        return browse_hint(self.uri, self.run_id, self._client.get_run(self.run_id).info.experiment_id)
+
+    @contextmanager
+    def system_metrics(self, node: int = 0):
+        """MLflow's own system metrics (CPU, memory, disk, network; GPU when nvidia-ml-py finds one) of this node,
+        sampled every 10 s while the block runs: `system/...` for node 0, `system/node<k>/...` for the others."""
+        if not self.enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # resume_logging: a relaunch continues the run's step axis instead of writing over its first steps.
+        monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri, resume_logging=True,
+                                       node_id=f"node{node}" if node else None)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:

@@ -6,19 +6,21 @@ The run directory is <train.output_dir>/<train.name>; Ray Train persists checkpo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
-from tim_ray.tracking import Tracker, tracking_uri
+from tim_ray.tracking import Tracker, adopt_local_store, quiet_mlflow, tracking_uri
 from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, read_state
 from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, verify_checkpoint
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
 from tim_ray.train.init_from import prepare_init
 from tim_ray.train.publish import publish_export
-from tim_ray.train.stop import ProgressBar, job_stop_warning, new_run_control, on_stop_signals
+from tim_ray.train.metrics import duration
+from tim_ray.train.stop import DriverConsole, job_stop_warning, new_run_control, on_stop_signals
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -191,25 +193,36 @@ def check_local_fit(cfg: Config, address: str | None) -> None:
         raise ConfigError(f"{problem}; {fix}")
 
 
-def start_ray(cfg: Config, address: str | None) -> str:
-    """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs."""
+def start_ray(cfg: Config, address: str | None, verbose: bool = True) -> str:
+    """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs.
+    verbose=False keeps Ray's own output out of this process's: no worker output is forwarded (Ray Train's
+    controller, Ray Data's operators, text encoders' "Loading weights" bars, core_worker.cc lines; all still in
+    Ray's log files under /tmp/ray/session_latest/logs) and Ray's Python loggers here print warnings and errors
+    only. What tim-ray's workers have to say then comes through their RunControl (tim_ray.train.stop)."""
     import ray
 
     if ray.is_initialized():  # a caller (a notebook, a test) already connected this process
         return "using the Ray this process is connected to"
-    target = ray_target(cfg, address)
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        # Ray Data's logger has a handler of its own: the level set through ray.init does not reach it.
+        logging.getLogger("ray.data").setLevel(level)
+        # "Token authentication is enabled for this Ray cluster", a warning at every start of a local Ray.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        quiet_mlflow()
+    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=verbose, logging_level=level)
         return f"joined the Ray cluster at {target}"
     # Oversubscribed logical CPUs: on a 2-core machine Ray Train's workers would otherwise starve Ray Data.
     # address="local": a new instance even when a `ray start` cluster runs on this machine (a bare ray.init would
     # attach to it and then refuse num_cpus).
-    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, log_to_driver=True)
+    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, log_to_driver=verbose, logging_level=level)
     return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
 
 
 def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_from: str | None = None,
-           init_ema: bool | None = None) -> int:
+           init_ema: bool | None = None, verbose: bool = False) -> int:
     import ray.train
 
     from tim_ray.data.batches import open_training_data
@@ -224,9 +237,12 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     resuming = latest_checkpoint(cfg) is not None
+    if not cfg.tracking.uri and (moved_from := adopt_local_store(run_dir)) is not None:
+        print(f"tim-ray train: this run directory was copied or moved from {moved_from}; its MLflow store now "
+              f"keeps artifacts in {run_dir}", flush=True)
     print(f"tim-ray train: {data.describe()}; rejected rows are counted as they stream (listed in "
           f"{run_dir / cfg.data.rejects_file} at the end)", flush=True)
-    print(f"tim-ray train: {start_ray(cfg, address)}", flush=True)
+    print(f"tim-ray train: {start_ray(cfg, address, verbose)}", flush=True)
     # A joined cluster may grow (an autoscaler adds nodes for pending workers), so a shortfall there is a warning.
     if (short := resource_shortfall(cfg, ray.cluster_resources(), "the Ray cluster now")) is not None:
         print(f"tim-ray train: warning: {short[1]}; the run waits until the cluster grows", file=sys.stderr,
@@ -249,19 +265,22 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
         print(f"tim-ray train: warning: {warning}", file=sys.stderr, flush=True)
     trainer = build_trainer(cfg, run_dir, tracker, data, start_from=start_from, control=control,
                             faults=os.environ.get(FAULTS_ENV, ""), init=ray.put(init.tensors) if init else None)
-    progress = ProgressBar(control, _step_of(start_from or latest_checkpoint(cfg)), cfg.train.steps) \
-        if sys.stdout.isatty() else None
+    first_step = _step_of(start_from or latest_checkpoint(cfg))
+    console = DriverConsole(control, first_step, cfg.train.steps, terminal=sys.stdout.isatty())
+    started = time.monotonic()
+    failure = None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        failure = exc
+    finally:
+        summary = console.close()  # the workers' last lines before anything the driver says next
+    if failure is not None:
         tracker.finish("FAILED")
-        print(f"tim-ray train: failed after {cfg.ray.max_failures} restart(s): {_root_cause(exc)}\n"
+        print(f"tim-ray train: failed after {cfg.ray.max_failures} restart(s): {_root_cause(failure)}\n"
               f"  newest verified checkpoint: {latest_checkpoint(cfg) or 'none'} (run the same command to resume)",
               file=sys.stderr, flush=True)
         return 1
-    finally:
-        if progress is not None:
-            progress.close()
     outcome = result.return_value or {"status": "finished", "step": None, "message": ""}
     last = result.checkpoint.path if result.checkpoint else "none"
     if outcome["status"] in ("nonfinite", "bad_checkpoint"):
@@ -275,13 +294,33 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
         print(f"tim-ray train: stopped at step {outcome['step']} ({outcome['message']}); checkpoint {last}\n"
               f"  run the same command to continue", flush=True)
         return 0
-    summary = result.metrics or {}
-    print(f"tim-ray train: {publish_export(cfg, run_dir, tracker, result.checkpoint)}", flush=True)
-    print(f"tim-ray train: done. last checkpoint: {last}\n"
-          f"  final metrics: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})}"
-          f"\n  samples:       {run_dir / 'samples'}"
-          f"\n  browse runs:   mlflow ui --backend-store-uri {tracking_uri(cfg, run_dir)}", flush=True)
+    export = publish_export(cfg, run_dir, tracker, result.checkpoint)
+    print(run_summary(cfg, run_dir, tracker, summary, time.monotonic() - started, last, export), flush=True)
     return 0
+
+
+def run_summary(cfg: Config, run_dir: Path, tracker, summary: dict, seconds: float, checkpoint: str,
+                export: str) -> str:
+    """The end of a finished run, for the person who started it: what was done, how fast, and where it all is."""
+    lines = [f"tim-ray train: done in {duration(seconds)}"]
+    if summary:
+        data = summary["data"]
+        rejected = data.get("rejected_rows_listed", data.get("rejected_at_precompute"))
+        where = (f" (listed in {run_dir / cfg.data.rejects_file})" if "rejected_rows_listed" in data
+                 else " (at precompute)")
+        loss = summary["loss"]
+        lines += [f"  steps:         {summary['start_step']} -> {summary['step']} of {cfg.train.steps} in "
+                  f"{duration(summary['train_seconds'])}, {summary['images_per_s']:.4g} images/s",
+                  f"  final loss:    {'n/a' if loss is None else f'{loss:.4g}'}",
+                  f"  rejected rows: {'n/a' if rejected is None else f'{rejected}{where}'}"]
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    lines += [f"  checkpoint:    {checkpoint}",
+              f"  sample grids:  {run_dir / 'samples'}{f' (newest {grids[-1].name})' if grids else ''}",
+              f"  export:        {export}"]
+    if tracker.enabled:
+        lines += [f"  mlflow run:    {tracker.run_id} in {tracker.uri}",
+                  f"  browse:        {tracker.browse_hint()}"]
+    return "\n".join(lines)
 
 
 def _step_of(checkpoint: str | None) -> int:

@@ -18,7 +18,7 @@ from tim_ray.train.init_from import load_init
 from tim_ray.train.metrics import RunLog
 from tim_ray.train.parallelize import apply_activation_checkpointing, autocast_dtype, shard_model
 from tim_ray.train.step import RepaTargets, build_optimizer, train_step
-from tim_ray.train.stop import StopChecks
+from tim_ray.train.stop import StopChecks, tell_driver
 from tim_ray.transition.paths import get_path
 
 
@@ -82,7 +82,7 @@ def _resume(loop_config: dict, model, optimizer, ema, world: int) -> TrainState:
         choice = error = None
         if ray.train.get_context().get_world_rank() == 0:
             def say(line: str) -> None:
-                print(f"tim-ray train: {line}", flush=True)
+                tell_driver(loop_config.get("control"), line)
 
             try:
                 choice = resume_point(run_storage, start_from, launch, registered is not None, note=say)

@@ -1,14 +1,15 @@
 """What a training run tells the world: progress lines, a JSON-lines event log, MLflow metrics and sample grids.
 
 Metrics are averaged over ranks (one small all-reduce every `train.log_every` steps, which every rank joins); rank 0
-prints, writes `events.jsonl` in the run directory and logs to MLflow through `tim_ray.tracking.Tracker`.
+writes `events.jsonl` in the run directory, logs to MLflow through `tim_ray.tracking.Tracker` and hands its lines
+(one progress line per `train.log_every` steps: step/total, loss, images/s, ETA) and its end-of-run summary to the
+driver through the RunControl. The first worker of each node logs MLflow's system metrics.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +19,28 @@ import torch.distributed as dist
 from tim_ray.config import Config, Derived
 from tim_ray.eval.grid import grid_image, sample_rows
 from tim_ray.tracking import Tracker
+from tim_ray.train.stop import tell_driver
 
-SHOWN = ("mse", "transition", "consistency", "diffusion", "grad_norm", "lr", "images_per_s", "data_wait_share")
+SHOWN = ("loss", "mse", "transition", "consistency", "diffusion", "grad_norm", "lr", "data_wait_share")
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(step: int, total: int, start_step: int, elapsed: float, images_per_s: float,
+                  metrics: dict[str, float]) -> str:
+    """'step 50/400 (12%)  812 img/s  ETA 3m05s  loss 0.2142  mse ...': the ETA from this launch's pace so far."""
+    done = step - start_step
+    eta = duration((total - step) * elapsed / done) if done > 0 and step < total else "0s"
+    shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in SHOWN if k in metrics)
+    return f"step {step}/{total} ({100 * step // total}%)  {images_per_s:.4g} img/s  ETA {eta}  {shown}"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -33,8 +54,10 @@ def peak_memory_mib(device: torch.device) -> float:
 class RunLog:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, world: int, tracker_ids: list, control=None):
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
-        self.control = control if rank == 0 else None  # the driver's RunControl: feeds its progress bar
+        self.control = control if rank == 0 else None  # the driver's RunControl: what the driver prints
         self.tracker = Tracker(*tracker_ids) if rank == 0 else Tracker(None, None)
+        self._tracker_ids = tracker_ids
+        self._system_metrics = contextlib.ExitStack()
         self.lr = Derived.of(cfg, world_size=world).lr
         self.global_batch = Derived.of(cfg, world_size=world).global_batch
         self._sums: dict[str, float] = {}
@@ -43,6 +66,7 @@ class RunLog:
         self._window_start = time.perf_counter()
         self._latest: dict[str, float] = {}
         self._device = torch.device("cpu")
+        self._launch_start, self._start_step, self._images = time.perf_counter(), 0, 0
 
     def _event(self, kind: str, **fields) -> None:
         if self.rank == 0:
@@ -51,12 +75,16 @@ class RunLog:
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
-            # To the process's real stdout: Ray Train patches print() in workers and, with stdout wrapped, would
-            # show every line twice.
-            print(f"[tim-ray] {text}", file=sys.__stdout__, flush=True)
+            tell_driver(self.control, text)
 
     def start(self, state, model) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        if ctx.get_local_rank() == 0:  # one monitor per node, each with its own metric names
+            self._system_metrics.enter_context(Tracker(*self._tracker_ids).system_metrics(ctx.get_node_rank()))
         self._device = next(model.parameters()).device
+        self._launch_start, self._start_step = time.perf_counter(), state.step
         n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global count
         begin = "resuming at" if state.step else "starting at"
         self._say(f"{begin} step {state.step}/{self.cfg.train.steps}: {n_params / 1e6:.2f}M parameters, "
@@ -68,6 +96,7 @@ class RunLog:
             self.control.report_step.remote(state.step)
         self._count += 1
         self._skipped += int(result.skipped)
+        self._images += self.global_batch
         self._wait += data_wait
         self._busy += data_wait + compute
         for name, value in {**result.metrics, "grad_norm": result.grad_norm}.items():
@@ -88,8 +117,8 @@ class RunLog:
                        elapsed, data_wait_share=self._wait / max(self._busy, 1e-9),
                        peak_memory_mib=peak_memory_mib(self._device))
         self._latest = {"step": state.step, **metrics}
-        shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in SHOWN if k in metrics)
-        self._say(f"step {state.step}/{self.cfg.train.steps}  {shown}")
+        self._say(progress_line(state.step, self.cfg.train.steps, self._start_step,
+                                time.perf_counter() - self._launch_start, metrics["images_per_s"], metrics))
         self._event("metrics", step=state.step, **metrics)
         self.tracker.log_metrics(metrics, step=state.step)
         self._sums, self._count, self._skipped, self._wait, self._busy = {}, 0, 0, 0.0, 0.0
@@ -134,3 +163,15 @@ class RunLog:
         self._say(f"{outcome} at step {state.step}")
         self._event("finish", step=state.step, outcome=outcome)
         self.tracker.log_file(self.run_dir / "events.jsonl")
+        self._system_metrics.close()
+        seconds = time.perf_counter() - self._launch_start
+        if self.control is not None:
+            import ray
+
+            summary = {"start_step": self._start_step, "step": state.step, "train_seconds": seconds,
+                       "images_per_s": self._images / max(seconds, 1e-9), "loss": self._latest.get("loss"),
+                       "data": data_report or {}}
+            try:  # waited for: the actor runs this caller's calls in order, so every line said is delivered too
+                ray.get(self.control.record_summary.remote(summary), timeout=30)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass  # the driver is gone; nobody is left to print the summary

@@ -25,12 +25,15 @@ import torch.distributed as dist
 
 @ray.remote(num_cpus=0)
 class RunControl:
-    """The driver's end of a run: a stop request goes down to the workers, rank 0's progress comes up to the
-    driver's progress bar. Create it with `new_run_control`."""
+    """The driver's end of a run: a stop request goes down to the workers; rank 0's progress, its lines for the
+    person running tim-ray and its end-of-run summary come up to the driver, which prints them (worker output
+    itself reaches the driver only with --verbose). Create it with `new_run_control`."""
 
     def __init__(self):
         self.reason: str | None = None
         self.step: int = 0
+        self.lines: list[str] = []
+        self.summary: dict = {}
 
     def request_stop(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -41,8 +44,26 @@ class RunControl:
     def report_step(self, step: int) -> None:
         self.step = step
 
-    def latest_step(self) -> int:
-        return self.step
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def record_summary(self, summary: dict) -> None:
+        self.summary = summary
+
+    def news(self) -> tuple[int, list[str], dict]:
+        """(latest step, the lines said since the last call, the summary so far)."""
+        lines, self.lines = self.lines, []
+        return self.step, lines, self.summary
+
+
+def tell_driver(control, line: str) -> None:
+    """A line for the person running tim-ray, from a worker: through the driver's RunControl when there is one
+    (a Tune trial has none), else on this process's real stdout (Ray Train patches print() in workers and, with
+    stdout wrapped, would show every line twice)."""
+    if control is not None:
+        control.say.remote(line)
+    else:
+        print(f"[tim-ray] {line}", file=sys.__stdout__, flush=True)
 
 
 def new_run_control():
@@ -100,9 +121,8 @@ class StopChecks:
             return ray.get(self.control.stop_reason.remote(), timeout=30) is not None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             # The driver is gone (its node with it); nobody is left to ask for a stop, so training goes on.
-            print("[tim-ray] the driver's run control is unreachable; stop requests are off", file=sys.__stdout__,
-                  flush=True)
             self.control = None
+            tell_driver(None, "the driver's run control is unreachable; stop requests are off")
             return False
 
     def check(self, step: int) -> tuple[bool, str | None]:
@@ -119,36 +139,51 @@ class StopChecks:
         draining = ray.train.get_preemption_info()
         if draining is not None and not self.saved_for_drain:
             self.saved_for_drain = True
-            print(f"[tim-ray] node drain announced (deadline {draining.deadline_ms} ms): checkpointing at step "
-                  f"{step}", file=sys.__stdout__, flush=True)
+            tell_driver(self.control, f"node drain announced (deadline {draining.deadline_ms} ms): checkpointing at "
+                                      f"step {step}")
             return True, None
         return False, None
 
 
-class ProgressBar:
-    """In the driver, when stdout is a terminal: a progress bar over the run's steps, fed by rank 0 through the
-    RunControl (worker output reaches the driver line by line, so a bar drawn in a worker would not show)."""
+class DriverConsole:
+    """In the driver: prints what rank 0 says through the RunControl as it arrives and, when stdout is a terminal,
+    keeps a progress bar with an ETA under those lines (worker output reaches the driver line by line, so a bar
+    drawn in a worker would not show)."""
 
     POLL_S = 0.5
 
-    def __init__(self, control, start: int, total: int):
-        from tqdm import tqdm
+    def __init__(self, control, start: int, total: int, terminal: bool):
+        self.control, self.done, self.summary = control, threading.Event(), {}
+        self.bar = None
+        if terminal:
+            from tqdm import tqdm
 
-        self.control, self.done = control, threading.Event()
-        self.bar = tqdm(total=total, initial=start, unit="step", desc="tim-ray train", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit="step", desc="tim-ray train", dynamic_ncols=True)
         self.thread = threading.Thread(target=self._follow, daemon=True)
         self.thread.start()
 
+    def _poll(self) -> None:
+        try:
+            step, lines, self.summary = ray.get(self.control.news.remote(), timeout=5)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return
+        for line in lines:
+            if self.bar is not None:
+                self.bar.write(f"[tim-ray] {line}", file=sys.stdout)
+            else:
+                print(f"[tim-ray] {line}", flush=True)
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
     def _follow(self) -> None:
         while not self.done.wait(self.POLL_S):
-            try:
-                step = ray.get(self.control.latest_step.remote(), timeout=5)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                continue
-            if step > self.bar.n:
-                self.bar.update(step - self.bar.n)
+            self._poll()
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Stop following, print what is left, and return rank 0's end-of-run summary ({} if none came)."""
         self.done.set()
-        self.thread.join(timeout=5)
-        self.bar.close()
+        self.thread.join(timeout=10)
+        self._poll()
+        if self.bar is not None:
+            self.bar.close()
+        return self.summary
