@@ -92,7 +92,8 @@ def unit_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [-1, 1]. In numpy: torch's uint8 -> float conversion of a
     permuted tensor took 10 ms of CPU for a 256-image 32x32 batch, numpy 1 ms, with bit-identical results."""
     chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
-    return torch.from_numpy(chw.astype(np.float32) / np.float32(127.5) - np.float32(1.0))
+    out = np.divide(chw, np.float32(127.5), dtype=np.float32)
+    return torch.from_numpy(np.subtract(out, np.float32(1.0), out=out))
 
 
 class TextEncodeStage:

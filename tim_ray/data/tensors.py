@@ -51,9 +51,14 @@ def row_tensors(table: pa.Table, name: str) -> list[np.ndarray]:
 
 
 def stacked(table: pa.Table, name: str) -> np.ndarray:
-    """(rows, *shape) for rows that all share one shape; a writable copy."""
+    """(rows, *shape) for rows that all share one shape; a writable copy, read straight from the Arrow buffer (no
+    Python bytes per row: at 128x128 pixels, going through to_pylist cost the training process more CPU than the
+    rest of a batch's preparation)."""
     shapes = {tuple(shape) for shape in table[f"{name}_shape"].to_pylist()}
     if len(shapes) != 1:
         raise ValueError(f"column '{name}' mixes shapes {sorted(shapes)}; group rows by bucket first")
-    data = b"".join(table[name].to_pylist())
-    return np.frombuffer(data, dtype=DTYPES[name]).reshape(table.num_rows, *shapes.pop()).copy()
+    shape = shapes.pop()
+    column = table[name].combine_chunks()
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]  # rows of equal size, in order
+    return data.view(DTYPES[name]).reshape(table.num_rows, *shape).copy()
