@@ -105,6 +105,23 @@ def test_export_refuses_to_overwrite(tmp_path):
         export_checkpoint(checkpoint, tmp_path / "export")
 
 
+def test_a_weights_file_cut_short_by_a_full_disk_fails_the_export(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):  # what safetensors left on a full disk: a cut file, no error
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as file:
+            file.truncate(file.seek(0, 2) - 1000)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(ExportError, match=r"model.safetensors: \d+ bytes on disk, \d+ expected: the write was cut "
+                                          r"short \(disk full\?\)"):
+        export_checkpoint(write_checkpoint(tmp_path / "run"), tmp_path / "export")
+    assert not (tmp_path / "export" / checksums.MANIFEST).exists()  # never sealed as if complete
+
+
 def test_a_crafted_dcp_index_is_refused_before_anything_runs(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "run")
     witness = tmp_path / "code-ran"

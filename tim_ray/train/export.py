@@ -283,6 +283,20 @@ def annotated_toml(cfg: Config, notes: dict[str, str], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """ExportError unless `path` has the size a safetensors file of `tensors` has (8-byte header length, the
+    header, the data): safetensors' save_file returned without an error on a full disk, leaving a cut file that
+    the checksum manifest would then have sealed as it was."""
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+    size = path.stat().st_size
+    expected = (8 + int.from_bytes(prefix, "little") + sum(t.numel() * t.element_size() for t in tensors.values())
+                if len(prefix) == 8 else None)
+    if size != expected:
+        raise ExportError(f"{path}: {size} bytes on disk, {expected or 'more'} expected: the write was cut short "
+                          f"(disk full?)")
+
+
 def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, info: dict,
                  notes: dict[str, str] | None = None, header: str = "") -> Path:
     """Write an export directory: model.safetensors (`tensors`), config.toml (`cfg`, its local codec / text encoder
@@ -297,6 +311,7 @@ def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config,
     cfg = _bundle(cfg, out)
     tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "weights": info["weights"]})
+    _check_written(out / WEIGHTS_FILE, tensors)
     (out / CONFIG_FILE).write_text(annotated_toml(cfg, notes or {}, header))
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     files = [WEIGHTS_FILE, CONFIG_FILE, INFO_FILE]
