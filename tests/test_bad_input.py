@@ -10,6 +10,8 @@ import pytest
 from tim_ray import config as config_module
 from tim_ray.config import ConfigError, load_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tim_ray.cli", *args], capture_output=True, text=True,
@@ -214,6 +216,13 @@ def test_a_dry_run_that_cannot_fit_the_local_ray_is_one_line():
     assert err == ("tim-ray: error: ray.num_workers = 16 needs 33 CPUs (16 for the workers, 16 for encoder actors, "
                    "1 for data tasks), but a local Ray has 8; lower ray.num_workers, ray.cpus_per_worker or "
                    "data.encode_cpus, or raise ray.local_num_cpus\n")
+
+
+def test_a_sweep_whose_trials_cannot_fit_the_local_ray_is_one_line(tmp_path):
+    err = one_line_error(run("tune", "configs/tune/shapes.toml", "--space", "configs/tune/interval_sampler.toml",
+                             "ray.num_workers=16", f"train.output_dir={tmp_path}", cwd=ROOT))
+    assert err.startswith("tim-ray: error: ray.num_workers = 16 needs ") and "but a local Ray has 8" in err
+    assert not any(tmp_path.iterdir())  # refused before the sweep wrote anything
 
 
 # ---------------------------------------------------------------------------------------------------------------

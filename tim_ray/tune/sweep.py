@@ -182,9 +182,10 @@ def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState,
 
 
 def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None) -> int:
-    from tim_ray.train.launch import run_dir_of
+    from tim_ray.train.launch import check_local_fit, run_dir_of
 
     _check(cfg, request)
+    check_local_fit(cfg, address)  # a trial that cannot fit the local Ray would wait forever
     space = load_space(request.space, cfg)
     sweep_dir = run_dir_of(cfg)
     state = _open_state(sweep_dir, cfg, space, request)
