@@ -33,8 +33,7 @@ import torch
 
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import step_generator
-from tim_ray.train.step import build_optimizer, train_step
+from tim_ray.train.step import build_optimizer, step_generator, train_step
 from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivative
 from tim_ray.transition.paths import get_path
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tim_ray.artifacts.checkpoint import TrainState, save_checkpoint
 from tim_ray.config import load_config, to_dict
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import TrainState, save_checkpoint
 from tim_ray.train.ema import ShardLocalEMA
 
 MINILM_DIM = 384

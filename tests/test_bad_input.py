@@ -84,7 +84,7 @@ def test_a_non_utf8_config_file_is_one_line(tmp_path):
 
 
 def test_the_largest_train_seed_makes_a_generator():
-    from tim_ray.train.checkpoint import step_generator
+    from tim_ray.train.step import step_generator
 
     step_generator(config_module.SEED_LIMIT - 1, 10**9, 1023)  # no overflow where the product passes 2^64
 
@@ -104,7 +104,7 @@ def test_a_corrupt_state_json_with_matching_checksums_is_one_line(tmp_path, chec
     """A state.json that is not UTF-8, resealed so that its checksums match: refused as corrupt, exit 1."""
     import shutil
 
-    from tim_ray.train import checksums
+    from tim_ray.artifacts import checksums
 
     damaged = tmp_path / checkpoint.name
     shutil.copytree(checkpoint, damaged)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from eval_fixtures import tiny_config, write_checkpoint
 
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checkpoint import CheckpointError, TrainState, load_weights, save_checkpoint
+from tim_ray.artifacts.checkpoints_on_disk import checkpoint_dirs, newest_verified, resume_point
 from tim_ray.cli import main
 from tim_ray.config import load_config, to_dict
 from tim_ray.models.registry import build_model
-from tim_ray.train import checksums
-from tim_ray.train.checkpoint import CheckpointError, TrainState, load_weights, save_checkpoint
-from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, resume_point
 from tim_ray.train.launch import RAY_SNAPSHOT, latest_checkpoint, resolve_resume, set_aside_stale_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -248,7 +248,7 @@ def test_a_rewritten_step_gets_a_new_directory_name(tmp_path, monkeypatch):
     import pyarrow.fs
     import ray.train
 
-    from tim_ray.train.checkpoint import _new_dir_name
+    from tim_ray.train.ray_checkpoints import _new_dir_name
 
     class Storage:
         storage_filesystem, experiment_fs_path = pyarrow.fs.LocalFileSystem(), str(tmp_path)

@@ -9,12 +9,12 @@ from eval_fixtures import feature_cache, write_checkpoint  # noqa: F401 (session
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tim_ray.artifacts.checkpoint import read_state
 from tim_ray.cli import main
 from tim_ray.config import from_dict
 from tim_ray.eval.evaluate import EvalRequest, evaluate
 from tim_ray.eval.generate import ImagePipeline
 from tim_ray.tracking import Tracker
-from tim_ray.train.checkpoint import read_state
 
 
 def test_eval_writes_json_plot_and_an_mlflow_run(tmp_path, feature_cache, monkeypatch, capsys):  # noqa: F811

@@ -9,12 +9,12 @@ import torch
 from eval_fixtures import CodeRunningPickle, write_checkpoint
 from safetensors.torch import load_file
 
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checkpoint import load_weights
+from tim_ray.artifacts.export import ExportError, export_checkpoint, load_for_inference, stored_tensor_shapes
 from tim_ray.cli import main
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train import checksums
-from tim_ray.train.checkpoint import load_weights
-from tim_ray.train.export import ExportError, export_checkpoint, load_for_inference, stored_tensor_shapes
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # load_weights in one process
 

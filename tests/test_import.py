@@ -15,11 +15,11 @@ from eval_fixtures import CodeRunningPickle, write_checkpoint
 from safetensors.torch import load_file, save_file
 from test_models_codecs import tiny_kl
 
+from tim_ray.artifacts.export import load_for_inference
 from tim_ray.cli import main
 from tim_ray.config import SampleConfig
 from tim_ray.eval.generate import ImagePipeline, sample_images
 from tim_ray.models.tim import TiM
-from tim_ray.train.export import load_for_inference
 from tim_ray.transition.paths import get_path
 
 # tim-tiny: width 32, 2 blocks, 2 heads of 16, patch 2, adaLN hidden 16, REPA after block 1 (projector 64 wide)
@@ -249,7 +249,7 @@ def test_train_init_from_an_export_starts_at_step_0_from_its_weights_and_publish
     import ray
     from mlflow.tracking import MlflowClient
 
-    from tim_ray.train.export import export_checkpoint
+    from tim_ray.artifacts.export import export_checkpoint
 
     source = export_checkpoint(write_checkpoint(tmp_path / "old", step=7), tmp_path / "source", ema=True)
     try:

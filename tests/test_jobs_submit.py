@@ -182,7 +182,7 @@ def cluster(tmp_path_factory):
 def test_quickstart_job_from_the_guide_succeeds_with_checkpoint_and_mlflow_run(cluster):
     from mlflow.tracking import MlflowClient
 
-    from tim_ray.train.checkpoint import read_state
+    from tim_ray.artifacts.checkpoint import read_state
 
     env, work = cluster["env"], cluster["work"]
     steps = [x for x in cluster["lines"] if not x.startswith(("export ", "ray start "))]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from eval_fixtures import CodeRunningPickle
 
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checkpoint import CheckpointError, TrainState, load_weights, read_state, save_checkpoint
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train import checksums
-from tim_ray.train.checkpoint import CheckpointError, TrainState, load_weights, read_state, save_checkpoint
 from tim_ray.train.faults import Faults, FaultSpecError
 from tim_ray.train.launch import RAY_SNAPSHOT, ResumeError, latest_checkpoint, resolve_resume
 
@@ -97,10 +97,10 @@ def test_a_crafted_index_is_refused_before_it_runs_anything(tmp_path):
 
 def test_a_world_of_one_saves_and_loads_without_collectives(tmp_path, monkeypatch):
     """DCP's plan gather at world size 1 left an OpenMP team on gloo's thread that slowed every later CPU step
-    (see checkpoint._alone): a world of one must save and load without any collective."""
+    (see tim_ray.artifacts.checkpoint._alone): a world of one must save and load without any collective."""
     import torch.distributed as dist
 
-    from tim_ray.train.checkpoint import load_checkpoint
+    from tim_ray.artifacts.checkpoint import load_checkpoint
     from tim_ray.train.parallelize import shard_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)

@@ -10,9 +10,8 @@ import torch.multiprocessing as mp
 
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import step_generator
 from tim_ray.train.parallelize import shard_model
-from tim_ray.train.step import build_optimizer, train_step
+from tim_ray.train.step import build_optimizer, step_generator, train_step
 from tim_ray.transition.intervals import sample_intervals
 from tim_ray.transition.objective import transition_target
 from tim_ray.transition.paths import get_path

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import step_generator
 from tim_ray.train.ema import EMAModel, ShardLocalEMA
-from tim_ray.train.step import RepaTargets, build_optimizer, train_step
+from tim_ray.train.step import RepaTargets, build_optimizer, step_generator, train_step
 from tim_ray.transition.paths import get_path
 from test_train_step import fixed_batch, tiny_config
 

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tim_ray.artifacts.checkpoint import load_weights, read_state
 from tim_ray.config import load_config
 from tim_ray.data import open_training_data
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import load_weights, read_state
 from tim_ray.train.faults import ENV_VAR
 from tim_ray.train.launch import RAY_SNAPSHOT, latest_checkpoint, launch
 

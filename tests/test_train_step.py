@@ -6,9 +6,8 @@ import torch
 
 from tim_ray.config import load_config
 from tim_ray.models.registry import build_model
-from tim_ray.train.checkpoint import step_generator
 from tim_ray.train.ema import ShardLocalEMA
-from tim_ray.train.step import build_optimizer, micro_batches, train_step
+from tim_ray.train.step import build_optimizer, micro_batches, step_generator, train_step
 from tim_ray.transition.paths import get_path
 
 

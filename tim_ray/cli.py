@@ -1,7 +1,8 @@
 """`tim-ray`: the command line. Each subcommand parses its arguments and hands over to the module that does the work.
 
 Exit codes: 0 success; 2 usage or config error (one line on stderr, no traceback); 1 runtime failure (a damaged or
-incomplete checkpoint or export, and a file or directory the system refuses, are one line on stderr too).
+incomplete checkpoint or export, a file or directory the system refuses, and an object store or hub that cannot be
+reached or does not answer within data.connect_timeout_s are one line on stderr too).
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import sys
 from pathlib import Path
 
 from tim_ray import version
+from tim_ray.artifacts.checksums import CheckpointError
 from tim_ray.config import ConfigError, Derived, dump_toml, load_config
-from tim_ray.train.checksums import CheckpointError
+from tim_ray.data.records import StoreUnreachable
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
@@ -90,7 +92,7 @@ def cmd_precompute(args) -> int:
     from tim_ray.train.launch import start_ray
 
     data = prepare_precompute(cfg, args.out)  # before Ray starts: a bad source fails in seconds, writes nothing
-    print(f"tim-ray precompute: {data.describe()}; {start_ray(cfg, args.address)}", flush=True)
+    print(f"tim-ray precompute: {data.describe()}; {start_ray(cfg, args.address, args.verbose)}", flush=True)
     manifest = run_precompute(cfg, args.out, data=data)
     print(f"tim-ray precompute: wrote {args.out} ({manifest['rows']} rows); train on it with "
           f"data.precomputed={args.out}")
@@ -165,7 +167,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tim_ray.train.export import export_checkpoint, read_export_info
+    from tim_ray.artifacts.export import export_checkpoint, read_export_info
 
     out = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
     step = read_export_info(out)["state"]["step"]
@@ -288,7 +290,7 @@ def cmd_tune(args) -> int:
 
     request = SweepRequest(space=args.space, num_samples=args.num_samples, scheduler=args.scheduler,
                            search=args.search, max_concurrent=args.max_concurrent, resume=args.resume, seed=args.seed)
-    return run_sweep(cfg, request, address=args.address)
+    return run_sweep(cfg, request, address=args.address, verbose=args.verbose)
 
 
 def _add_tune_parser(sub) -> None:
@@ -304,7 +306,16 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the search's draws (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this train.name")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    _add_verbose_arg(p)
     p.set_defaults(run=cmd_tune)
+
+
+def _add_verbose_arg(p) -> None:
+    """train, tune and precompute: what they show of Ray's output is set in one place (tim_ray.ray_output)."""
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output (its workers' logs, '(raylet)' messages, Ray Tune's and Ray "
+                        "Data's progress, INFO lines); by default it stays in Ray's log files and tim-ray prints "
+                        "its own lines only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at step 0: fine-tuning")
     p.add_argument("--init-no-ema", action="store_true",
                    help="with --init-from: take the trained weights even when EMA weights exist")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show Ray's own output (its workers' logs, Ray Data's progress, INFO lines); by default "
-                        "it stays in Ray's log files and tim-ray prints its own lines only")
+    _add_verbose_arg(p)
     p.set_defaults(run=cmd_train)
 
     _add_import_parser(sub)
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (must not hold a precompute already)")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    _add_verbose_arg(p)
     p.set_defaults(run=cmd_precompute)
 
     p = sub.add_parser("config", help="show or validate a resolved config")
@@ -381,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"tim-ray: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    except CheckpointError as exc:
+    except (CheckpointError, StoreUnreachable) as exc:
         print(f"tim-ray: error: {exc}", file=sys.stderr)
         return RUNTIME_ERROR
     except OSError as exc:

@@ -75,8 +75,9 @@ class TransitionConfig:
 class DataConfig:
     source: str = "fashion-mnist"  # fashion-mnist | shapes | parquet | webdataset | folder
     path: str = ""  # directory, glob or URI (s3://...) for file sources; empty = the source's default
-    # Seconds an object store (s3://, gs://) or the hub (hf://) may take to connect or answer before the request
-    # fails (S3 tries each request 3 times); without it pyarrow retries an unreachable endpoint for minutes.
+    # Seconds the first contact with an object store (s3://: region lookup and listing; gs://) or the hub (hf://)
+    # may take in all before the command fails (exit 1); later S3 requests get 3 tries of a third of it each.
+    # Without it pyarrow retries an unreachable endpoint for minutes.
     connect_timeout_s: float = 30.0
     split: str = "train"
     height: int = 32

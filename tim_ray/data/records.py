@@ -17,6 +17,13 @@ class DataError(ConfigError):
     """Bad data input (missing path, no files, unusable columns, wrong precompute dir). One line, names the input."""
 
 
+class StoreUnreachable(Exception):
+    """An object store or the hub that cannot be reached or does not answer within data.connect_timeout_s: a
+    runtime failure (exit 1; the input may be right and the network down), not bad input (a DataError, exit 2).
+    One line naming the URL and, for no answer, the time waited. Not a ConfigError: in a Ray worker it is a
+    failure Ray may retry, not a bad_config end."""
+
+
 # Reject reasons. Row-level ones are about one image-text pair (`invalid_caption`: unparseable caption JSON or a
 # caption that is not text); `unreadable_file` is a whole file (a parquet file without a footer, a tar shard cut
 # short) whose unread rows cannot be named one by one.

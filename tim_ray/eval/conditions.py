@@ -7,8 +7,6 @@ import torch
 from tim_ray.config import ModelConfig
 from tim_ray.models.codecs import PIXEL, Codec, CodecError, load_codec
 
-FASHION_MNIST_PROMPT = "a photo of {}"
-
 
 def codec_for(model_cfg: ModelConfig, channels: int, device) -> Codec:
     """The config's codec for a network of `channels` input channels: the pixel codec takes the channel count
@@ -34,10 +32,3 @@ def label_conditions(labels, num_classes: int, device) -> tuple[dict, dict]:
     """(cond, uncond) for a class-conditional TiM; the null label is num_classes."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     return {"y": labels}, {"y": torch.full_like(labels, num_classes)}
-
-
-def fashion_mnist_prompts(labels) -> list[str]:
-    """The caption of each Fashion-MNIST class label, in the template training's grids use."""
-    from tim_ray.data.sources.fashion_mnist import CLASS_NOUNS, with_article
-
-    return [FASHION_MNIST_PROMPT.format(with_article(CLASS_NOUNS[int(label)])) for label in labels]

@@ -19,7 +19,7 @@ import torch
 
 from tim_ray.config import ConfigError, SampleConfig
 from tim_ray.data.sources import check_metric, source_class
-from tim_ray.eval.conditions import fashion_mnist_prompts
+from tim_ray.data.sources.fashion_mnist import class_prompts
 from tim_ray.eval.generate import ImagePipeline, slice_conditions
 
 FASHION_METRICS = ("fid", "kid", "class_agreement")
@@ -78,7 +78,7 @@ def eval_targets(cfg, count: int) -> EvalTargets:
         classes = [i % 10 for i in range(count)]
         if cfg.model.conditioning == "class":
             return EvalTargets(labels=classes, classes=classes)
-        return EvalTargets(prompts=fashion_mnist_prompts(classes), classes=classes)
+        return EvalTargets(prompts=class_prompts(classes), classes=classes)
     if cfg.data.source == "shapes" and cfg.model.conditioning == "text":
         from tim_ray.data.sources.shapes import captions_of, scene
 

@@ -67,7 +67,7 @@ class ImagePipeline:
 
     @classmethod
     def open(cls, path, ema: bool | None = None, device=None) -> "ImagePipeline":
-        from tim_ray.train.export import load_for_inference
+        from tim_ray.artifacts.export import load_for_inference
 
         device = pick_device(device)
         loaded = load_for_inference(path, ema=ema, device=device)

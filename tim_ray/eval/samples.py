@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from tim_ray.config import Config, ConfigError, SampleConfig
-from tim_ray.eval.conditions import fashion_mnist_prompts
 from tim_ray.eval.generate import ConditionError, ImagePipeline
 from tim_ray.eval.grid import grid_image, to_uint8
 
@@ -38,7 +37,9 @@ def default_conditions(cfg: Config) -> tuple[list[str], list[int]]:
     if cfg.eval.prompts:
         return list(cfg.eval.prompts), []
     if cfg.data.source == "fashion-mnist":
-        return fashion_mnist_prompts(range(10)), []
+        from tim_ray.data.sources.fashion_mnist import class_prompts  # here: tim_ray.data loads Ray Data
+
+        return class_prompts(range(10)), []
     raise ConditionError("this checkpoint is text-conditional and its config has no eval.prompts: give --prompt "
                          "or --prompts")
 

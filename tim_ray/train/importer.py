@@ -1,5 +1,5 @@
 """`tim-ray import SOURCE --out DIR`: released TiM weights (or any state dict with the official module names) as a
-tim-ray export (tim_ray.train.export), which `tim-ray sample`, `eval` and `train --init-from` then take.
+tim-ray export (tim_ray.artifacts.export), which `tim-ray sample`, `eval` and `train --init-from` then take.
 
 SOURCE is a weights file or directory (tim_ray.models.weights_files: nothing in it runs), or a hub id
 `owner/name[/file]` (fetched through the Hugging Face cache; one line at once when the hub cannot be reached).
@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checkpoint import TrainState, versions
+from tim_ray.artifacts.export import PROJECTOR, fit_state_dict, model_for_shapes, write_export
 from tim_ray.config import ConfigError, from_dict, parse_override, to_dict
 from tim_ray.models.hub import fetch_file
 from tim_ray.models.registry import ARCHS
 from tim_ray.models.weights_files import EMA, TRAINED, read_state_dict
-from tim_ray.train import checksums
-from tim_ray.train.checkpoint import TrainState, versions
-from tim_ray.train.export import PROJECTOR, fit_state_dict, model_for_shapes, write_export
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"  # (num_classes + 1, D): class-conditional models only
 PROJECTOR_OUT = "projector.4.weight"  # (z_dim, projector_dim): the REPA feature width

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from tim_ray.artifacts.export import PROJECTOR, ExportError, check_state_dict, fit_state_dict, load_for_inference
 from tim_ray.config import Config
 from tim_ray.models.registry import get_arch
-from tim_ray.train.export import PROJECTOR, ExportError, check_state_dict, fit_state_dict, load_for_inference
 
 PARENT_TAGS = ("tim_ray.init_from", "tim_ray.init_weights")  # MLflow tags on the new run: source path, weight set
 

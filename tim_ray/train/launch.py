@@ -6,20 +6,19 @@ The run directory is <train.output_dir>/<train.name>; Ray Train persists checkpo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from tim_ray.artifacts.checkpoint import DCP_DIR, STATE_FILE, read_state
+from tim_ray.artifacts.checkpoints_on_disk import checkpoint_dirs, newest_verified, verify_checkpoint
 from tim_ray.config import ConfigError, Config, Derived, dump_toml, to_dict
-from tim_ray.tracking import Tracker, adopt_local_store, quiet_mlflow, tracking_uri
-from tim_ray.train.checkpoint import DCP_DIR, STATE_FILE, read_state
-from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, newest_verified, verify_checkpoint
+from tim_ray.tracking import Tracker, adopt_local_store, tracking_uri
 from tim_ray.train.faults import ENV_VAR as FAULTS_ENV
 from tim_ray.train.init_from import prepare_init
-from tim_ray.train.publish import publish_export
 from tim_ray.train.metrics import duration
+from tim_ray.train.publish import publish_export
 from tim_ray.train.stop import DriverConsole, job_stop_warning, new_run_control, on_stop_signals
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -44,7 +43,7 @@ def _local_run_storage(cfg: Config) -> Path | None:
 
 def latest_checkpoint(cfg: Config) -> str | None:
     """The checkpoint this run continues from with --resume auto: its newest complete and verified checkpoint on
-    local storage, registered by Ray or not (tim_ray.train.checkpoints_on_disk, the rule that sample, eval and
+    local storage, registered by Ray or not (tim_ray.artifacts.checkpoints_on_disk, the rule that sample, eval and
     export share); None if there is none, or the storage is remote."""
     run = _local_run_storage(cfg)
     found = newest_verified(run) if run is not None else None
@@ -193,31 +192,27 @@ def check_local_fit(cfg: Config, address: str | None) -> None:
         raise ConfigError(f"{problem}; {fix}")
 
 
-def start_ray(cfg: Config, address: str | None, verbose: bool = True) -> str:
+def start_ray(cfg: Config, address: str | None, verbose: bool = False) -> str:
     """Join `address` (or RAY_ADDRESS, set inside a submitted Ray job) or start a local Ray with logical CPUs.
-    verbose=False keeps Ray's own output out of this process's: no worker output is forwarded (Ray Train's
-    controller, Ray Data's operators, text encoders' "Loading weights" bars, core_worker.cc lines; all still in
-    Ray's log files under /tmp/ray/session_latest/logs) and Ray's Python loggers here print warnings and errors
-    only. What tim-ray's workers have to say then comes through their RunControl (tim_ray.train.stop)."""
+    The one place where train, tune and precompute connect to Ray, and so where what they show of Ray's output is
+    set (tim_ray.ray_output): by default tim-ray's own lines only, Ray's (worker logs, "(raylet)" messages, Ray
+    Data's progress, INFO lines) left in Ray's log files under <temp dir>/session_latest/logs; verbose=True shows
+    them as Ray prints them."""
     import ray
+
+    from tim_ray.ray_output import quiet_ray_output
 
     if ray.is_initialized():  # a caller (a notebook, a test) already connected this process
         return "using the Ray this process is connected to"
-    level = logging.INFO if verbose else logging.WARNING
-    if not verbose:
-        # Ray Data's logger has a handler of its own: the level set through ray.init does not reach it.
-        logging.getLogger("ray.data").setLevel(level)
-        # "Token authentication is enabled for this Ray cluster", a warning at every start of a local Ray.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        quiet_mlflow()
+    output = quiet_ray_output(verbose)
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=verbose, logging_level=level)
+        ray.init(address=target, **output)
         return f"joined the Ray cluster at {target}"
     # Oversubscribed logical CPUs: on a 2-core machine Ray Train's workers would otherwise starve Ray Data.
     # address="local": a new instance even when a `ray start` cluster runs on this machine (a bare ray.init would
     # attach to it and then refuse num_cpus).
-    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, log_to_driver=verbose, logging_level=level)
+    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, **output)
     return f"started a local Ray ({cfg.ray.local_num_cpus} logical CPUs)"
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
+from tim_ray.artifacts.checkpoint import CheckpointError, TrainState, load_checkpoint
 from tim_ray.config import Config, ConfigError, Derived, from_dict
-from tim_ray.train.checkpoint import (CheckpointError, TrainState, load_checkpoint, report_with_checkpoint,
-                                      step_generator)
 from tim_ray.train.ema import ShardLocalEMA
 from tim_ray.train.faults import Faults
 from tim_ray.train.feed import Position, TrainingFeed
 from tim_ray.train.init_from import load_init
 from tim_ray.train.metrics import RunLog
 from tim_ray.train.parallelize import apply_activation_checkpointing, autocast_dtype, shard_model
-from tim_ray.train.step import RepaTargets, build_optimizer, train_step
+from tim_ray.train.ray_checkpoints import report_with_checkpoint
+from tim_ray.train.step import RepaTargets, build_optimizer, step_generator, train_step
 from tim_ray.train.stop import StopChecks, tell_driver
 from tim_ray.transition.paths import get_path
 
@@ -63,8 +63,9 @@ def _resume(loop_config: dict, model, optimizer, ema, world: int) -> TrainState:
     checkpoints it writes can be told from older ones after a restart."""
     import ray.train
 
-    from tim_ray.train.checkpoint import from_rank_zero, launch_id, local_run_storage, read_state
-    from tim_ray.train.checkpoints_on_disk import resume_point
+    from tim_ray.artifacts.checkpoint import read_state
+    from tim_ray.artifacts.checkpoints_on_disk import resume_point
+    from tim_ray.train.ray_checkpoints import from_rank_zero, launch_id, local_run_storage
 
     launch, start_from = launch_id(), loop_config.get("start_from")
     registered = ray.train.get_checkpoint()
@@ -82,7 +83,7 @@ def _resume(loop_config: dict, model, optimizer, ema, world: int) -> TrainState:
         choice = error = None
         if ray.train.get_context().get_world_rank() == 0:
             def say(line: str) -> None:
-                tell_driver(loop_config.get("control"), line)
+                tell_driver(loop_config.get("control"), line, loop_config["config"]["train"]["name"])
 
             try:
                 choice = resume_point(run_storage, start_from, launch, registered is not None, note=say)
@@ -150,12 +151,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if state.step >= cfg.train.steps and cfg.eval.objective:
         # Nothing left to train, but the run that wrote the last checkpoint may have died before reporting its
         # final evaluation (a Tune trial cut right after it): report it again from these weights, deterministically.
-        from tim_ray.tune.objective import objective_scores
+        from tim_ray.train.eval_objective import objective_scores
 
         ray.train.report({"step": state.step, **objective_scores(cfg, model, ema, feed, path)})
     samples_log = SampleLog(run_dir, rank, world, state.step) if cfg.train.sample_log else None
     feed.track_rejects(run_dir, state)
-    stops = StopChecks(cfg.checkpoint.stop_check_every, control, rank, device)
+    stops = StopChecks(cfg.checkpoint.stop_check_every, control, rank, device, cfg.train.name)
     global_batch = None if cfg.data.aspect_buckets else Derived.of(cfg, world_size=world).global_batch
     batches = feed.batches(Position(state.epoch, state.epoch_samples), global_batch,
                            on_epoch_end=lambda epoch, counts: log.epoch_rejects(epoch, counts, state.step))
@@ -212,7 +213,7 @@ def _periodic(cfg: Config, state: TrainState, model, optimizer, ema, log, feed, 
     if state.step % cfg.train.eval_every == 0 or last:
         log.sample_grid(state, model, ema, feed, path)
         if cfg.eval.objective:
-            from tim_ray.tune.objective import objective_scores
+            from tim_ray.train.eval_objective import objective_scores
 
             objective = objective_scores(cfg, model, ema, feed, path)
             log.tracker.log_metrics(objective, step=state.step)

@@ -75,7 +75,7 @@ class RunLog:
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
-            tell_driver(self.control, text)
+            tell_driver(self.control, text, self.cfg.train.name)
 
     def start(self, state, model) -> None:
         import ray.train

@@ -1,4 +1,4 @@
-"""What a finished `tim-ray train` leaves for others: its final checkpoint as an export (tim_ray.train.export) in
+"""What a finished `tim-ray train` leaves for others: its final checkpoint as an export (tim_ray.artifacts.export) in
 <run dir>/export/step_<step>, logged as the artifact `export` of its MLflow run, and registered as a new version of
 the registered model `tracking.registered_model` when the config names one. The export is what `tim-ray sample`,
 `eval` and `train --init-from` take, and what the MLflow UI shows as the run's product."""
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tim_ray.artifacts.checkpoint import read_state
+from tim_ray.artifacts.export import export_checkpoint
 from tim_ray.config import Config
-from tim_ray.train.checkpoint import read_state
-from tim_ray.train.export import export_checkpoint
 
 ARTIFACT_DIR = "export"
 

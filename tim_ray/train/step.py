@@ -2,7 +2,8 @@
 call it.
 
 Every random draw of a step (noise, (t, r), label dropout) comes from the generator it is given, which the loop
-derives from (seed, step, rank); the step itself holds no RNG state.
+derives from (seed, step, rank) with `step_generator`; the step itself holds no RNG state, and a checkpoint needs
+none: a resumed run draws exactly what the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ class StepResult:
     skipped: bool  # True when the loss or the gradient was not finite and no update was made
     grad_norm: float
     metrics: dict[str, float]  # the loss parts, averaged over micro-batches
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for all random draws of (step, rank): noise, (t, r), label dropout. A pure function of its
+    arguments, which is what makes resume exact without saving RNG states."""
+    # Wrapped to the 64 bits a generator takes: train.seed goes up to 2^32, where the product would overflow
+    # (every seed below 2^28 gives the generator it always did).
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**64)
 
 
 def conditioning(batch: dict, cfg: Config, generator: torch.Generator) -> dict:

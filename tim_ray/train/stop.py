@@ -56,14 +56,14 @@ class RunControl:
         return self.step, lines, self.summary
 
 
-def tell_driver(control, line: str) -> None:
-    """A line for the person running tim-ray, from a worker: through the driver's RunControl when there is one
-    (a Tune trial has none), else on this process's real stdout (Ray Train patches print() in workers and, with
-    stdout wrapped, would show every line twice)."""
+def tell_driver(control, line: str, run: str) -> None:
+    """A line for the person running tim-ray, from a worker of run `run`: through the driver's RunControl when there
+    is one, else on this process's real stdout (Ray Train patches print() in workers and, with stdout wrapped,
+    would show every line twice), named by its run: a sweep's trials have no RunControl and print side by side."""
     if control is not None:
         control.say.remote(line)
     else:
-        print(f"[tim-ray] {line}", file=sys.__stdout__, flush=True)
+        print(f"[tim-ray] {run}: {line}", file=sys.__stdout__, flush=True)
 
 
 def new_run_control():
@@ -110,8 +110,8 @@ def job_stop_warning() -> str | None:
 class StopChecks:
     """In every worker: every `every` steps, whether to save a checkpoint now and whether to stop after it."""
 
-    def __init__(self, every: int, control, rank: int, device: torch.device):
-        self.every, self.control, self.rank, self.device = every, control, rank, device
+    def __init__(self, every: int, control, rank: int, device: torch.device, run: str):
+        self.every, self.control, self.rank, self.device, self.run = every, control, rank, device, run
         self.saved_for_drain = False
 
     def _requested(self) -> bool:
@@ -122,7 +122,7 @@ class StopChecks:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             # The driver is gone (its node with it); nobody is left to ask for a stop, so training goes on.
             self.control = None
-            tell_driver(None, "the driver's run control is unreachable; stop requests are off")
+            tell_driver(None, "the driver's run control is unreachable; stop requests are off", self.run)
             return False
 
     def check(self, step: int) -> tuple[bool, str | None]:
@@ -140,7 +140,7 @@ class StopChecks:
         if draining is not None and not self.saved_for_drain:
             self.saved_for_drain = True
             tell_driver(self.control, f"node drain announced (deadline {draining.deadline_ms} ms): checkpointing at "
-                                      f"step {step}")
+                                      f"step {step}", self.run)
             return True, None
         return False, None
 

@@ -13,7 +13,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
-from tim_ray.tune.objective import OBJECTIVE
+from tim_ray.train.eval_objective import OBJECTIVE
 from tim_ray.tune.search import draw
 from tim_ray.tune.space import Space
 from tim_ray.tune.state import SweepState

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tim_ray.config import Config, dump_toml
-from tim_ray.tune.objective import OBJECTIVE
+from tim_ray.train.eval_objective import OBJECTIVE
 from tim_ray.tune.space import Space, apply_params
 
 RESULTS_FILE = "results.csv"

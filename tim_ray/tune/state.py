@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tim_ray.config import Config, ConfigError, to_dict
-from tim_ray.tune.objective import OBJECTIVE, per_nfe_key
+from tim_ray.train.eval_objective import OBJECTIVE, per_nfe_key
 from tim_ray.tune.results import FINISHED, TrialRow
 from tim_ray.tune.space import Space
 

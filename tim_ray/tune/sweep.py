@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tim_ray.config import Config, ConfigError, dump_toml, to_dict
 from tim_ray.tracking import Tracker, tracking_uri
+from tim_ray.train.eval_objective import MODES, OBJECTIVE
 from tim_ray.tune import results as out
-from tim_ray.tune.objective import MODES, OBJECTIVE
 from tim_ray.tune.search import SEARCHES
 from tim_ray.tune.space import Space, load_space
 from tim_ray.tune.state import STATE_FILE, SweepState, load_state
@@ -110,7 +110,8 @@ def _open_parent(cfg: Config, sweep_dir: Path, resume: bool) -> Tracker:
     return tracker
 
 
-def _run_trials(cfg: Config, request: SweepRequest, space: Space, state: SweepState, trainable) -> None:
+def _run_trials(cfg: Config, request: SweepRequest, space: Space, state: SweepState, trainable,
+                verbose: bool = False) -> None:
     """One Ray Tune run over the trials the sweep still needs. Tune's experiment state (pickles) goes to a private
     temporary directory, deleted afterwards: nothing Tune writes is ever read back from shared storage."""
     from ray import tune
@@ -124,7 +125,8 @@ def _run_trials(cfg: Config, request: SweepRequest, space: Space, state: SweepSt
             trainable,
             tune_config=tune.TuneConfig(scheduler=_scheduler(request, cfg, state),
                                         search_alg=_searcher(request, cfg, space, state), num_samples=launches),
-            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=private,
+            # Tune's own trial tables only with --verbose; the trials' progress lines are tim-ray's
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=private, verbose=None if verbose else 0,
                                       callbacks=[Recorder(state, cfg.train.steps, cfg.eval.nfe)]),
         ).fit()
     finally:
@@ -157,7 +159,7 @@ def _write_results(cfg: Config, space: Space, sweep_dir: Path, rows: list[out.Tr
 
 
 def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState, parent: Tracker,
-            address: str | None) -> None:
+            address: str | None, verbose: bool = False) -> None:
     """Start or join Ray, load the data once for every trial, and run the trials the sweep still needs."""
     from ray import tune
 
@@ -165,7 +167,7 @@ def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState,
     from tim_ray.train.launch import start_ray
 
     sweep_dir = state.path.parent
-    print(f"tim-ray tune: {start_ray(cfg, address)}; preparing data ({cfg.data.source})", flush=True)
+    print(f"tim-ray tune: {start_ray(cfg, address, verbose)}; preparing data ({cfg.data.source})", flush=True)
     data = open_training_data(cfg)
     plan = TrialPlan(base=to_dict(cfg), sweep_dir=str(sweep_dir),
                      tracking_uri=tracking_uri(cfg, sweep_dir) if parent.enabled else "",
@@ -178,10 +180,10 @@ def _launch(cfg: Config, request: SweepRequest, space: Space, state: SweepState,
           f"{request.max_concurrent} at a time) over {', '.join(space.keys)}\n  sweep directory: {sweep_dir}"
           f"\n  objective: {cfg.eval.objective} averaged over NFE {cfg.eval.nfe}, every {cfg.train.eval_every} "
           f"steps{mlflow}", flush=True)
-    _run_trials(cfg, request, space, state, tune.with_parameters(run_trial, plan=plan, data=data))
+    _run_trials(cfg, request, space, state, tune.with_parameters(run_trial, plan=plan, data=data), verbose)
 
 
-def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None) -> int:
+def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None, verbose: bool = False) -> int:
     from tim_ray.train.launch import check_local_fit, run_dir_of
 
     _check(cfg, request)
@@ -191,7 +193,7 @@ def run_sweep(cfg: Config, request: SweepRequest, address: str | None = None) ->
     state = _open_state(sweep_dir, cfg, space, request)
     parent = _open_parent(cfg, sweep_dir, request.resume)
     if state.ended_count() < request.num_samples:  # else every trial has ended: write the results again
-        _launch(cfg, request, space, state, parent, address)
+        _launch(cfg, request, space, state, parent, address, verbose)
     rows = out.ranked(state.rows(), MODES[cfg.eval.objective])
     _settle_trial_runs(parent, cfg, rows)
     best = _write_results(cfg, space, sweep_dir, rows, parent)

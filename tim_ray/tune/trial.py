@@ -2,7 +2,7 @@
 
 The trial is a Train *driver* (Ray's pattern for Tune over Train V2): it builds the trial's config (the sweep's base
 config with the sampled keys set), opens its MLflow run nested under the sweep's, and fits a TorchTrainer on the
-same worker loop as `tim-ray train`. The loop reports the objective at every evaluation (tim_ray.tune.objective);
+same worker loop as `tim-ray train`. The loop reports the objective at every evaluation (tim_ray.train.eval_objective);
 `ObjectiveReport` forwards exactly those reports to Tune, so each Tune result is one evaluation and the scheduler
 can stop a poor trial early. A trial is known by its sweep id (tim_ray.tune.state), which its Tune config carries
 under TRIAL_KEY: Tune's own trial ids change in every run of a sweep. Running a trial again (a resumed sweep)
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tim_ray.config import Config, dump_toml, from_dict
 from tim_ray.tracking import Tracker
-from tim_ray.tune.objective import OBJECTIVE
+from tim_ray.train.eval_objective import OBJECTIVE
 from tim_ray.tune.space import apply_params
 
 TRIALS_DIR = "trials"

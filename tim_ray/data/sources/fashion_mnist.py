@@ -18,7 +18,8 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
                "Ankle boot")
 CLASS_NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot")
-TEMPLATES = ("a photo of {}", "a black and white photo of {}", "a picture of {}", "a product photo of {}",
+GRID_TEMPLATE = "a photo of {}"  # the caption of a class in sample grids and evaluation
+TEMPLATES = (GRID_TEMPLATE, "a black and white photo of {}", "a picture of {}", "a product photo of {}",
              "a grayscale image of {}", "{}")
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 # Rows per unit: the unit permutation is the coarse half of the shuffle (tim_ray.data.order), so units are small.
@@ -32,6 +33,11 @@ def with_article(noun: str) -> str:
 def class_captions(label: int) -> list[str]:
     """Every template filled with the class noun, e.g. 'a black and white photo of an ankle boot'."""
     return [template.format(with_article(CLASS_NOUNS[label])) for template in TEMPLATES]
+
+
+def class_prompts(labels) -> list[str]:
+    """The caption of each class label in GRID_TEMPLATE: the prompts of training's grids, `sample` and `eval`."""
+    return [GRID_TEMPLATE.format(with_article(CLASS_NOUNS[int(label)])) for label in labels]
 
 
 @functools.lru_cache(maxsize=2)
@@ -84,9 +90,7 @@ class FashionMnistSource:
 
     def prompts(self) -> list[str]:
         """One grid prompt per class."""
-        from tim_ray.eval.conditions import fashion_mnist_prompts
-
-        return fashion_mnist_prompts(range(len(CLASS_NOUNS)))
+        return class_prompts(range(len(CLASS_NOUNS)))
 
     def read(self, unit: dict) -> Iterator[RawSample]:
         images = read_idx(self.images_path, IMAGES_MAGIC)

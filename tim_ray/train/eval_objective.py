@@ -1,4 +1,5 @@
-"""The sweep objective, computed inside training: multi-NFE sample quality of the EMA weights.
+"""The `eval.objective` score, computed inside training: multi-NFE sample quality of the EMA weights, which
+`tim-ray tune` optimises.
 
 With `eval.objective` set, every `train.eval_every` steps (and at the last step) the training loop draws
 `eval.num_samples` images at each step count in `eval.nfe`, scores them with the named metric and reports

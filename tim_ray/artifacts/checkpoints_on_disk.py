@@ -4,7 +4,7 @@ Given a run directory, use its newest complete and verified checkpoint directory
   - the candidates are its checkpoint_<step> directories (checkpoint_<step>-<n> when a step was checkpointed again
     after a fallback), newest first by (step, n);
   - complete and verified = every checksum manifest part is there and every file it lists matches
-    (tim_ray.train.checksums), and it has a state.json and a dcp/ directory;
+    (tim_ray.artifacts.checksums), and it has a state.json and a dcp/ directory;
   - a newer directory that is damaged or incomplete is skipped with one line that names it and the one used.
 A checkpoint named explicitly (`--resume PATH`, or a checkpoint directory given to sample/eval/export) is verified
 the same way and refused if it fails: it is never silently replaced by another one.
@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from tim_ray.train.checksums import CheckpointError, verify
+from tim_ray.artifacts.checksums import CheckpointError, verify
 
-STATE_FILE, DCP_DIR = "state.json", "dcp"  # the same names as tim_ray.train.checkpoint (which imports torch)
+STATE_FILE, DCP_DIR = "state.json", "dcp"  # the same names as tim_ray.artifacts.checkpoint (which imports torch)
 _NAME = re.compile(r"checkpoint_(\d+)(?:-(\d+))?")
 Note = Callable[[str], None]
 

@@ -4,10 +4,10 @@
     DIR/model.safetensors   the trained weights, or the EMA weights with --ema
     DIR/config.toml         the resolved training config (tim_ray.config.dump_toml)
     DIR/export.json         which weights, the training state (step, data position) and the library versions
-    DIR/checksums.json      size and sha256 of the three files above, written last (tim_ray.train.checksums)
+    DIR/checksums.json      size and sha256 of the three files above, written last (tim_ray.artifacts.checksums)
 
 `load_for_inference(path)` takes an export directory, a checkpoint directory, or a run directory (its newest
-complete and verified checkpoint: tim_ray.train.checkpoints_on_disk) and returns the model with its config. EMA
+complete and verified checkpoint: tim_ray.artifacts.checkpoints_on_disk) and returns the model with its config. EMA
 weights are used by default when the source has them. Every source is verified against its checksums before it is
 read; a mismatch is a CheckpointError (exit 1) naming the file.
 
@@ -17,7 +17,7 @@ resolves against the export directory. Hub ids, "pixel" and "minilm" stay as the
 after it, or the directory the codec came from, is moved.
 
 Safety: exports are read with safetensors only. A DCP checkpoint keeps its index in a pickle (`dcp/.metadata`);
-before torch.distributed.checkpoint reads it, it is opened (tim_ray.train.checkpoint.read_index) with an unpickler
+before torch.distributed.checkpoint reads it, it is opened (tim_ray.artifacts.checkpoint.read_index) with an unpickler
 that admits only the DCP metadata classes, so a crafted checkpoint cannot run code, and every entry we load must
 be a plain tensor.
 """
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checkpoint import (DCP_DIR, INDEX_FILE, STATE_FILE, CheckpointError, TrainState,
+                                          load_weights, read_index, read_state)
+from tim_ray.artifacts.checkpoints_on_disk import checkpoint_dirs, require_newest_verified, verify_checkpoint
 from tim_ray.config import Config, ConfigError, dump_toml, from_dict, load_config
 from tim_ray.models.hub import SAVED_DIR
 from tim_ray.models.registry import build_model
-from tim_ray.train import checksums
-from tim_ray.train.checkpoint import (DCP_DIR, INDEX_FILE, STATE_FILE, CheckpointError, TrainState, load_weights,
-                                      read_index, read_state)
-from tim_ray.train.checkpoints_on_disk import checkpoint_dirs, require_newest_verified, verify_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.toml"

@@ -1,15 +1,14 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) written by every rank and registered through Ray Train.
+"""Distributed checkpoints (torch.distributed.checkpoint): the files every rank writes, and reading them back.
 
 A checkpoint directory holds:
   dcp/          model, optimizer and EMA shards of every rank (DCP reshards them on load, so the world size may change)
   state.json    step, data position, world size, the resolved config, library versions, the MLflow run id
-  checksums.rank<r>.json   size and sha256 of every file rank r wrote (tim_ray.train.checksums), written last
+  checksums.rank<r>.json   size and sha256 of every file rank r wrote (tim_ray.artifacts.checksums), written last
 
-Randomness needs no saved state: every random draw of step k on rank j comes from a generator seeded with
-(seed, k, j) (see `step_generator`), so a resumed run draws exactly what the uninterrupted run would have drawn.
-Every load verifies the checksums first: a changed, truncated or missing file is a one-line CheckpointError that
-names it. Which checkpoint a run continues from, or sample/eval/export use, is decided in
-tim_ray.train.checkpoints_on_disk.
+Training hands each rank's files to Ray Train (tim_ray.train.ray_checkpoints), which merges them into one
+checkpoint directory. Every load verifies the checksums first: a changed, truncated or missing file is a one-line
+CheckpointError that names it. Which checkpoint a run continues from, or sample/eval/export use, is decided in
+tim_ray.artifacts.checkpoints_on_disk.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -31,8 +29,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from tim_ray.train import checksums
-from tim_ray.train.checksums import CheckpointError  # noqa: F401 (defined there, raised by every loader)
+from tim_ray.artifacts import checksums
+from tim_ray.artifacts.checksums import CheckpointError  # noqa: F401 (defined there, raised by every loader)
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"
@@ -51,15 +49,7 @@ class TrainState:
     world_size: int = 1
     epoch_rejects: dict[str, int] = field(default_factory=dict)  # rejected rows of this epoch so far, all ranks
     mlflow_run_id: str | None = None
-    launch: str | None = None  # the Ray Train run (one `tim-ray train`) that wrote it: see launch_id()
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for all random draws of (step, rank): noise, (t, r), label dropout. A pure function of its
-    arguments, which is what makes resume exact without saving RNG states."""
-    # Wrapped to the 64 bits a generator takes: train.seed goes up to 2^32, where the product would overflow
-    # (every seed below 2^28 gives the generator it always did).
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + rank) % 2**64)
+    launch: str | None = None  # the Ray Train run (one `tim-ray train`) that wrote it (train.ray_checkpoints.launch_id)
 
 
 def versions() -> dict[str, str]:
@@ -228,82 +218,3 @@ def load_weights(directory: str, model, use_ema: bool = False) -> TrainState:
         raise CheckpointError(f"cannot load the {key} weights of {directory}: {_reason(exc)}") from None
     model.load_state_dict(weights, strict=not use_ema)
     return state
-
-
-def report_with_checkpoint(metrics: dict, model, optimizer, ema, state: TrainState, config: dict, rank: int) -> None:
-    """Save this rank's shard into a temp dir and hand it to Ray, which merges all ranks into one checkpoint. The
-    rank's checksum manifest is held back and copied in after its other files (_persist_manifest_last)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="tim-ckpt-") as tmp:
-        directory = os.path.join(tmp, "files")
-        os.mkdir(directory)
-        save_checkpoint(directory, model, optimizer, ema, state, config, rank)
-        manifest = os.path.join(tmp, checksums.rank_manifest_name(rank))
-        os.replace(os.path.join(directory, checksums.rank_manifest_name(rank)), manifest)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=_new_dir_name(state.step) if rank == 0 else f"checkpoint_{state.step:08d}",
-                         checkpoint_upload_fn=functools.partial(_persist_manifest_last, manifest))
-
-
-def _new_dir_name(step: int) -> str:
-    """checkpoint_<step>, or checkpoint_<step>-<n> when a directory of that name is already in storage (a run that
-    fell back past a damaged checkpoint redoes its step): a checkpoint never writes into another one's files, and
-    Ray's retention never deletes a new checkpoint under an old one's name. Ray uses rank 0's name for all ranks."""
-    import pyarrow.fs
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    name, n = f"checkpoint_{step:08d}", 1
-    while storage.storage_filesystem.get_file_info(f"{storage.experiment_fs_path}/{name}").type \
-            != pyarrow.fs.FileType.NotFound:
-        n += 1
-        name = f"checkpoint_{step:08d}-{n}"
-    return name
-
-
-def _persist_manifest_last(manifest: str, checkpoint, checkpoint_dir_name: str):
-    """Ray's own copy of this rank's files into the checkpoint directory, then the rank's manifest: written under a
-    temporary name and renamed, so a manifest in storage means every file it lists was copied before it."""
-    import ray.train
-
-    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    fs, name = persisted.filesystem, os.path.basename(manifest)
-    partial = f"{persisted.path}/.tim-ray-{name}.part"
-    with open(manifest, "rb") as f, fs.open_output_stream(partial) as out:
-        out.write(f.read())
-    fs.move(partial, f"{persisted.path}/{name}")
-    return persisted
-
-
-def launch_id() -> str | None:
-    """The id Ray Train gives one TorchTrainer run (one `tim-ray train`): the same in every worker group that run
-    starts, restarts after a failure or a resize included, and new on the next launch. Ray 2.60 has no public
-    accessor, so it is read from Ray's internal train context; None when that is not there."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        return get_train_context().train_run_context.run_id
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-
-
-def local_run_storage() -> str | None:
-    """The directory where Ray Train persists this run's checkpoints, when storage is a local (or mounted) path;
-    None for remote storage (s3://, gs://), where the run's directories cannot be listed and checked in place."""
-    import pyarrow.fs
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
-    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-        return None
-    return storage.experiment_fs_path
-
-
-def from_rank_zero(value, device: torch.device | None = None):
-    """Rank 0's `value` on every rank (a picklable object), so that all ranks act on one decision."""
-    if _alone():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, device=device if device is not None and device.type != "cpu" else None)
-    return box[0]

@@ -15,8 +15,8 @@ from tim_ray.data.sources.shapes import render
 from tim_ray.eval.evaluate import eval_targets
 from tim_ray.models.registry import build_model
 from tim_ray.train.ema import ShardLocalEMA
+from tim_ray.train.eval_objective import objective_samples, objective_scores, rank_share, score_samples
 from tim_ray.transition.paths import get_path
-from tim_ray.tune.objective import objective_samples, objective_scores, rank_share, score_samples
 
 TEXT_DIM = 8
 
