@@ -101,7 +101,7 @@ def test_batches_follow_the_plan_and_resume_bit_identically():
     source = read_idx(data.source.images_path, IMAGES_MAGIC)
     cleaned = [clean_sample(RawSample(i, "", source[i], "caption"), data.geometry, data.limits)
                for i in batch["sample_id"].tolist()]
-    pixels = unit_range(np.stack([np.frombuffer(c["pixels"], np.uint8).reshape(32, 32, 1) for c in cleaned]))
+    pixels = unit_range(np.stack([c["pixels"] for c in cleaned]))
     flip = torch.from_numpy(draws[0].flip)
     assert 0 < flip.sum() < 8 and torch.equal(batch["image"], torch.where(flip[:, None, None, None],
                                                                           pixels.flip(-1), pixels))

@@ -127,7 +127,7 @@ def test_fashion_mnist_rows_and_captions():
     assert [r["sample_id"] for r in rows] == list(range(30)) and not any(r["reject"] for r in rows)
     assert rows[0]["label"] == 9 and rows[0]["captions"] == class_captions(9)
     assert "a black and white photo of an ankle boot" in class_captions(9)
-    assert rows[0]["pixels_shape"] == [32, 32, 1]
+    assert rows[0]["pixels"].shape == (32, 32, 1)
 
 
 @pytest.mark.parametrize("overrides, message", [

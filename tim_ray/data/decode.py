@@ -112,10 +112,10 @@ def _image(raw: bytes | np.ndarray | None, limits: Limits, geometry: Geometry) -
 
 
 def clean_sample(raw: RawSample, geometry: Geometry, limits: Limits) -> dict:
-    """A clean row {sample_id, key, label, captions, pixels (uint8 bytes), pixels_shape (H, W, C), bucket, scene,
-    reject}: pixels at the bucket size, or an empty row whose `reject` names the reason."""
-    row = {"sample_id": raw.sample_id, "key": raw.key, "label": raw.label, "captions": [], "pixels": b"",
-           "pixels_shape": [], "bucket": -1, "scene": raw.scene, "reject": raw.reject}
+    """A clean row {sample_id, key, label, captions, pixels (uint8 array (H, W, C)), bucket, scene, reject}:
+    pixels at the bucket size, or a row without pixels (None) whose `reject` names the reason."""
+    row = {"sample_id": raw.sample_id, "key": raw.key, "label": raw.label, "captions": [], "pixels": None,
+           "bucket": -1, "scene": raw.scene, "reject": raw.reject}
     if raw.reject:
         return row
     try:
@@ -125,5 +125,4 @@ def clean_sample(raw: RawSample, geometry: Geometry, limits: Limits) -> dict:
         return {**row, "reject": rejected.reason}
     size = geometry.sizes[bucket]
     pixels = np.asarray(fit(image, size), dtype=np.uint8).reshape(*size, -1)
-    return {**row, "captions": captions, "pixels": pixels.tobytes(), "pixels_shape": list(pixels.shape),
-            "bucket": bucket}
+    return {**row, "captions": captions, "pixels": pixels, "bucket": bucket}

@@ -12,6 +12,9 @@ each batch (`group`) of a block in its own call, so the result does not depend o
 carries its plan: `group` (the epoch position after it, which grows along the stream), `global_rows` (its rows over
 all ranks) and, on its first row, the JSON list of its rejected rows. A rank whose rows were all rejected still
 gets its batch, as one `filler` row that training ignores, so every rank runs every step.
+
+Only `to_batch`, which runs in the training process, imports torch: every Ray worker that runs a decode task
+imports this module, and torch would cost each one about 2 CPU-seconds (tests/test_data_decode.py checks).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-import torch
 from ray.data import ExecutionResources
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
@@ -113,8 +115,10 @@ def clean_batch(rows: pa.Table, data, epoch: int) -> tuple[pa.Table, list[dict]]
                              zip(good, draws.drop, draws.caption)], pa.string()),
         "noise_seed": (hash64(ids, data.seed, epoch, NOISE) >> np.uint64(1)).astype(np.int64),
     })
-    pixels = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(r["pixels_shape"]) for r in good]
-    return with_tensor(out, "pixels", [p[:, ::-1] if f else p for p, f in zip(pixels, draws.flip)]), rejects
+    pixels = [r["pixels"][:, ::-1] if flip else r["pixels"] for r, flip in zip(good, draws.flip)]
+    if len({p.shape for p in pixels}) == 1:  # a batch is one bucket: one array, one copy of each image
+        pixels = np.stack(pixels)
+    return with_tensor(out, "pixels", pixels), rejects
 
 
 def filler_row(data) -> pa.Table:
@@ -280,6 +284,8 @@ def to_batch(table: pa.Table) -> tuple[dict[str, torch.Tensor], BatchPlan]:
     """The training batch of one batch table (see tim_ray.data for the format), and its plan. Pixels become
     [-1, 1] channels-first; without text features (class conditioning) text is (B, 0, 0) and text_mask (B, 0).
     A filler row gives a batch of 0 rows."""
+    import torch
+
     plan = BatchPlan(global_rows=int(table["global_rows"][0].as_py()), after=int(table["group"][0].as_py()),
                      rejects=json.loads(table["rejects"][0].as_py() or "[]"))
     table = table.filter(pc.invert(table["filler"]))
