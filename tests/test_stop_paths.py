@@ -1,25 +1,31 @@
 """Every way a `tim-ray train` driver is stopped on a real Ray cluster, and where the next launch starts.
 
 One local head (`ray start --head`: its own ports and temp dir, token auth on as in cluster/) and one run, stopped
-three ways in turn, each launch resuming the one before:
+three ways in turn, each launch resuming the one before, with one worker SIGKILLed in the third launch:
 
 1. submitted as the platform guide does (jobs/quickstart.sh with the shipped jobs/runtime_env.yaml), then
    `ray job stop`: the driver has its workers checkpoint the step they are on and exits before Ray's SIGKILL;
 2. submitted again: it starts at that step; then its driver is SIGKILLed (it can neither checkpoint nor close its
    MLflow run);
 3. `tim-ray train` started in a shell against the head (RAY_ADDRESS): it starts at the newest checkpoint job 2
-   completed; then SIGTERM: a checkpoint at the step it is on, exit 0.
+   completed; as soon as its own next periodic checkpoint verifies, its Ray Train worker process
+   (`ray::RayTrainWorker`, forked by this head's raylet) is SIGKILLed: Ray starts a new worker group within the
+   same launch, at the newest checkpoint on disk; then SIGTERM of the driver: a checkpoint at the step it is on,
+   exit 0.
 
-Each launch must start at the newest complete and verified checkpoint on disk (0 checkpointed steps lost), and each
-stop must leave its own step's checkpoint as that newest one. A launch after launch 3 would start there by the same
-rule that launches 2 and 3 are checked on (tests/test_train_stop.py runs that resume on a local Ray). Each launch is
-its own MLflow run in the run directory's sqlite store, tagged with the run of the launch before it; the SIGKILLed
-launch's run, left RUNNING, is closed as KILLED by the next launch.
+Each launch, and the worker group restarted after the killed worker, must start at the newest complete and verified
+checkpoint on disk (0 checkpointed steps lost), and each driver stop must leave its own step's checkpoint as that
+newest one. A launch after launch 3 would start there by the same rule that launches 2 and 3 are checked on
+(tests/test_train_stop.py runs that resume on a local Ray). Each launch is its own MLflow run in the run
+directory's sqlite store, tagged with the run of the launch before it; the SIGKILLed launch's run, left RUNNING, is
+closed as KILLED by the next launch.
 
 The second test checks the MLflow side alone on a sqlite store (no Ray): only a run left RUNNING is closed.
 
-A killed worker and a drain are covered elsewhere (tests/test_train_resume.py, tests/test_train_elastic.py and the
-preStop hook in tests/test_jobs_submit.py). Only processes this module started are stopped, by their id.
+A drain is covered in tests/test_train_elastic.py (a ray.cluster_utils.Cluster with token auth on, the same
+environment variables as here) and the preStop hook that runs it in tests/test_jobs_submit.py; a killed worker's
+bit-exact resume in tests/test_train_resume.py. Only processes this module started are stopped, by their id (the
+killed worker is found among the processes of this module's `ray start` session).
 """
 import json
 import os
@@ -34,11 +40,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_jobs_submit import VENV_BIN, _free_ports, _run, _stop_sessions, _wait_http
+from test_jobs_submit import VENV_BIN, _free_ports, _is_zombie, _run, _session_pids, _stop_sessions, _wait_http
 from test_cluster_manifests import ROOT
 
+from tim_ray.artifacts.checkpoints_on_disk import newest_verified
 from tim_ray.tracking import RESTARTED_FROM_TAG
-from tim_ray.train.checkpoints_on_disk import newest_verified
 
 NAME = "stops"
 OVERRIDES = ["model.arch=tim-tiny", "model.conditioning=class", "data.max_samples=4096", "data.height=16",
@@ -68,7 +74,8 @@ def head(tmp_path_factory):
         started.append(proc.pid)
         _wait_http(f"http://127.0.0.1:{dashboard}/api/version",
                    {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}, "the Ray job server", proc, log)
-        yield {"env": env, "work": work, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+        yield {"env": env, "work": work, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}",
+               "session": proc.pid}
     finally:
         _stop_sessions(*started)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -119,6 +126,20 @@ def _driver_pid(out: Path) -> int:
         if f"train.output_dir={out}" in argv and any(a.endswith("/tim-ray") for a in argv[:2]):
             return int(cmdline.parent.name)
     raise AssertionError(f"no tim-ray driver for {out}")
+
+
+def _train_workers(session: int) -> list[int]:
+    """The live Ray Train worker processes of the `ray start` session `session` (its raylet forks them; Ray sets
+    their process title, argv[0], to `ray::RayTrainWorker` or `ray::RayTrainWorker.<method>`)."""
+    found = []
+    for pid in _session_pids(session):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.split(".")[0].strip() == "ray::RayTrainWorker" and not _is_zombie(pid):
+            found.append(pid)
+    return found
 
 
 def _job(head: dict, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -198,19 +219,42 @@ def test_every_driver_stop_resumes_from_the_newest_checkpoint_and_links_the_mlfl
     step = _newest_step(run_dir)
     measured.append(f"SIGKILL of the driver at step {_last_step(run_dir)} -> newest verified checkpoint {step}")
 
-    # 3. `tim-ray train` in a shell against the head starts there; SIGTERM: checkpoint at the step it is on, exit 0.
+    # 3. `tim-ray train` in a shell against the head starts there; its worker is SIGKILLed as soon as its next
+    # periodic checkpoint verifies (Ray may not have registered it yet) and Ray restarts the group there; then
+    # SIGTERM: checkpoint at the step it is on, exit 0.
     argv = [os.path.join(VENV_BIN, "tim-ray"), "train", "configs/quickstart.toml", *overrides, LONG]
     env = {**head["env"], "RAY_ADDRESS": head["gcs"], "PYTHONUNBUFFERED": "1"}
-    shell = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    _wait_for("launch 3's start", lambda: len(_starts(run_dir)) == 3, alive=lambda: shell.poll() is None,
-              explain=lambda: shell.stdout.read()[-5000:])
+    shell_log = head["work"] / "launch3.log"  # a file, not a pipe: nothing blocks the driver's prints
+    with open(shell_log, "w") as sink:
+        shell = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+    def alive() -> bool:
+        return shell.poll() is None
+
+    def shell_output() -> str:
+        return shell_log.read_text(errors="replace")[-5000:]
+
+    _wait_for("launch 3's start", lambda: len(_starts(run_dir)) == 3, alive, explain=shell_output)
     assert _starts(run_dir)[2] == step, f"started at {_starts(run_dir)[2]}, newest verified checkpoint {step}"
-    _wait_for("a step past it", lambda: _last_step(run_dir) > step + 1, alive=lambda: shell.poll() is None,
-              explain=lambda: shell.stdout.read()[-5000:])
+    periodic = (step // 4 + 1) * 4
+    _wait_for(f"launch 3's checkpoint at step {periodic}", lambda: (_newest_step(run_dir) or 0) >= periodic, alive,
+              explain=shell_output)
+    (worker,) = _train_workers(head["session"])  # ray.num_workers = 1
+    os.kill(worker, signal.SIGKILL)
+    killed, killed_after = time.time(), _last_step(run_dir)
+    # Its checkpoint uploads ran in the killed process: what is verified on disk now is all there will be.
+    step = _newest_step(run_dir)
+    _wait_for("the restarted worker group", lambda: len(_starts(run_dir)) == 4, alive, explain=shell_output)
+    assert _starts(run_dir)[3] == step, f"restarted at {_starts(run_dir)[3]}, newest verified checkpoint {step}"
+    assert worker not in _train_workers(head["session"])
+    restarted = [e["time"] for e in _events(run_dir) if e["event"] == "start"][3]
+    measured.append(f"SIGKILL of the worker after step {killed_after} -> the group restarted at the newest verified "
+                    f"checkpoint {step}, {restarted - killed:.1f} s after the kill")
+    _wait_for("a step past it", lambda: _last_step(run_dir) > step + 1, alive, explain=shell_output)
     signalled = time.time()
     shell.send_signal(signal.SIGTERM)
-    output, _ = shell.communicate(timeout=200)
+    shell.wait(timeout=200)
+    output = shell_log.read_text(errors="replace")
     assert shell.returncode == 0, output[-3000:]
     assert "restarted from run" in output and "KILLED (was still RUNNING)" in output, output[-3000:]
     (line,) = [x for x in output.splitlines() if x.startswith("tim-ray train: stopped at step")]
