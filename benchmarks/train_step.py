@@ -1,9 +1,11 @@
 """What a TiM training step costs, as ratios measured in one run on the same model and batches.
 
-    python benchmarks/train_step.py [--part all|tim-vs-fm|dde-vs-jvp|ray] [--repeats 7]
+    python benchmarks/train_step.py [--part all|objectives|dde-vs-jvp|ray] [--repeats 7]
 
-1. tim-vs-fm: a TiM step (DDE, diffusion ratio 0.5) vs a flow-matching step (diffusion ratio 1, so no derivative
-   forwards) of the same network. Spec §3.10 counts about 1.33x; target at most 1.4x.
+1. objectives: a step of each configs/experiments/fmnist_*.toml (TiM, TiM + model guidance, flow matching,
+   MeanFlow: tim-s, batch 64, 1x32x32, text conditioning) on the same synthetic batches, as milliseconds and as a
+   ratio to TiM's, against docs/math.md §7's forward count; and the steps each run would get at TiM's measured
+   compute (the experiment of docs/results.md gives each its steps from this). TiM / flow matching: target <= 1.4x.
 2. dde-vs-jvp: the time derivative dF/dt by DDE (two no-grad forwards) vs torch.func.jvp, both on math attention
    (JVP has no SDPA/flash rule): time, and peak memory (CUDA: max_memory_allocated; CPU: the peak resident set of a
    fresh subprocess per method, sampled every ms, above its baseline). Target: DDE at least 2x faster or lighter.
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +41,8 @@ from tim_ray.transition.objective import dde_time_derivative, jvp_time_derivativ
 from tim_ray.transition.paths import get_path
 
 QUICKSTART = ["model.arch=tim-s", "train.batch_size=64"]
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ["fmnist_tim", "fmnist_tim_mg", "fmnist_fm", "fmnist_meanflow"]  # the first is the baseline
 TEXT_DIM, TEXT_TOKENS = 384, 32
 
 
@@ -74,24 +79,36 @@ def alternate(variants: dict, repeats: int, device: torch.device, warmup: int = 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def tim_vs_fm(repeats: int, device: torch.device) -> None:
-    runs = {}
-    for name, ratio in [("TiM (diffusion ratio 0.5)", 0.5), ("flow matching (ratio 1)", 1.0)]:
-        pure_fm = ["transition.consistency_ratio=0"] if ratio == 1 else []
-        cfg = load_config(None, QUICKSTART + [f"transition.diffusion_ratio={ratio}", *pure_fm])
+def objectives(repeats: int, device: torch.device) -> None:
+    from tim_ray.train.ema import ShardLocalEMA
+    from tim_ray.transition.objectives import get_objective
+
+    runs, configs = {}, {}
+    for name in EXPERIMENTS:
+        cfg = load_config(ROOT / "configs" / "experiments" / f"{name}.toml")
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, TEXT_DIM, device=device)
         optimizer = build_optimizer(model, cfg, 1e-4)
+        ema = ShardLocalEMA(model, cfg.ema.decay)
         batch = {k: v.to(device) for k, v in synthetic_batch(cfg, 1).items()}
-        path, counter = get_path("otfm"), iter(range(10**9))
-        runs[name] = lambda m=model, o=optimizer, c=cfg, b=batch: train_step(
-            m, o, b, c, path, step_generator(0, next(counter), 0, device))
+        null_text = {"context": torch.zeros(1, TEXT_TOKENS, TEXT_DIM, device=device),
+                     "context_mask": torch.arange(TEXT_TOKENS, device=device)[None] < 1}
+        counter = iter(range(10**9))
+        configs[name] = cfg
+        runs[name] = lambda m=model, o=optimizer, c=cfg, b=batch, e=ema, n=null_text: train_step(
+            m, o, b, c, get_path(c.transition.path), step_generator(0, next(counter), 0, device), ema=e,
+            null_text=n)
     medians = alternate(runs, repeats, device)
-    tim, fm = medians.values()
-    print("\n[1] TiM step vs flow-matching step, tim-s, batch 64, 1x32x32, text conditioning")
+    base = EXPERIMENTS[0]
+    counted = {name: get_objective(c.transition.objective).forwards_per_row(c.transition) for name, c in configs.items()}
+    budget = medians[base] * configs[base].train.steps
+    print(f"\n[1] a step of each experiment config (tim-s, batch 64, 1x32x32, text), median of {repeats}")
+    print(f"  {'config':18s} {'ms':>8s} {'measured':>9s} {'counted':>8s} {'steps at equal compute':>24s} (config's)")
     for name, seconds in medians.items():
-        print(f"  {name:28s} {seconds * 1e3:8.1f} ms")
-    print(f"  ratio TiM / FM: {tim / fm:.2f}x  (docs/math.md §7 counts 4/3; target <= 1.4x)")
+        print(f"  {name:18s} {seconds * 1e3:8.1f} {seconds / medians[base]:8.2f}x {counted[name] / counted[base]:7.2f}x "
+              f"{budget / seconds:24.0f} ({configs[name].train.steps})")
+    print(f"  TiM / flow matching: {medians[base] / medians['fmnist_fm']:.2f}x (docs/math.md §7 counts "
+          f"{counted[base] / counted['fmnist_fm']:.2f}; target <= 1.4x)")
 
 
 def _derivative_setup(device: torch.device, seed: int = 0):
@@ -291,7 +308,7 @@ def gpu_throughput(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["all", "tim-vs-fm", "dde-vs-jvp", "ray", "gpu"])
+    parser.add_argument("--part", default="all", choices=["all", "objectives", "dde-vs-jvp", "ray", "gpu"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of every loop (default: torch's, one per core); fewer than the cores "
@@ -304,8 +321,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.part in ("all", "tim-vs-fm"):
-        tim_vs_fm(args.repeats, device)
+    if args.part in ("all", "objectives"):
+        objectives(args.repeats, device)
     if args.part in ("all", "dde-vs-jvp"):
         dde_vs_jvp(args.repeats, device)
     if args.part in ("all", "ray"):
