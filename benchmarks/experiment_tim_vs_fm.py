@@ -144,7 +144,8 @@ def cmd_report() -> None:
             for key in res[0]["nfe_independent"]:
                 if "." not in key:
                     values = [r["nfe_independent"][key] for r in res]
-                    print(f"{name} {key}: {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
+                    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else " (one seed)"
+                    print(f"{name} {key}: {statistics.mean(values):.4f}{spread}")
         headline = HEADLINE[dataset]
         fig, axes = plt.subplots(1, len(headline), figsize=(4.6 * len(headline), 3.6), squeeze=False)
         floor = json.loads((EXP / "floor.json").read_text()) if (EXP / "floor.json").is_file() else None
